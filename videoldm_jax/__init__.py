@@ -1,0 +1,1 @@
+"""Video Latent Diffusion Models (Align your Latents) in JAX/Flax."""

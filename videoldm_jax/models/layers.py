@@ -1,0 +1,129 @@
+"""Shared linen building blocks: logically-partitioned Dense/Conv, norms, embeddings, attention.
+
+Naming contract: module names mirror the PyTorch (diffusers / transformers) attribute names with list
+indices written as ``_N`` (``down_blocks.0`` -> ``down_blocks_0``), kernels are called ``kernel``, norm
+weights ``scale``. The converter relies on this to map weights mechanically.
+
+Layouts are channels-last: images ``[b, h, w, c]``, videos ``[b, t, h, w, c]``, tokens ``[b, n, c]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Axes = Tuple[Optional[str], ...]
+
+# Logical axis names used by parameters. Mapping to mesh axes lives in config (see parallel.py).
+CONV2D_AXES: Axes = ("conv_h", "conv_w", "conv_in", "conv_out")
+CONV3D_AXES: Axes = ("conv_t", "conv_h", "conv_w", "conv_in", "conv_out")
+NORM_AXES: Axes = ("norm",)
+
+
+def _partitioned(init, axes: Axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+# Factories (not wrapper modules) so param paths stay exactly ``<name>/kernel`` like the PyTorch module tree.
+
+def dense(features: int, *, name: str, axes: Axes = ("embed", "mlp"), use_bias: bool = True,
+          kernel_init=nn.initializers.lecun_normal(), dtype: Dtype = jnp.float32,
+          param_dtype: Dtype = jnp.float32) -> nn.Dense:
+  """``nn.Dense`` with kernel ``[in, out]`` / bias ``[out]`` annotated with logical ``axes``."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=_partitioned(kernel_init, axes),
+                  bias_init=_partitioned(nn.initializers.zeros_init(), axes[-1:]))
+
+
+def conv(features: int, kernel_size: Sequence[int] = (3, 3), *, name: str, strides: Sequence[int] | None = None,
+         padding: Any = None, use_bias: bool = True, kernel_init=nn.initializers.lecun_normal(),
+         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Conv:
+  """2D (``[b,h,w,c]``) or 3D (``[b,t,h,w,c]``) conv with logical axes.
+
+  Default padding is symmetric zero padding of ``k // 2`` per dim, i.e. PyTorch ``padding=k//2``
+  (for a (3,1,1) temporal kernel: zero padding in time only).
+  """
+  ks = tuple(kernel_size)
+  padding = padding if padding is not None else [(k // 2, k // 2) for k in ks]
+  axes = CONV2D_AXES if len(ks) == 2 else CONV3D_AXES
+  return nn.Conv(features, kernel_size=ks, strides=tuple(strides or (1,) * len(ks)), padding=padding,
+                 use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                 kernel_init=_partitioned(kernel_init, axes),
+                 bias_init=_partitioned(nn.initializers.zeros_init(), ("conv_out",)))
+
+
+def group_norm(*, name: str, num_groups: int = 32, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+  """GroupNorm over channels (last axis); reduces over every non-batch axis, so on ``[b,t,h,w,c]`` it
+  normalises over t too, exactly like PyTorch GroupNorm on ``[b,c,t,h,w]``. Statistics are fp32."""
+  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=_partitioned(nn.initializers.ones_init(), NORM_AXES),
+                      bias_init=_partitioned(nn.initializers.zeros_init(), NORM_AXES))
+
+
+def layer_norm(*, name: str, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=_partitioned(nn.initializers.ones_init(), NORM_AXES),
+                      bias_init=_partitioned(nn.initializers.zeros_init(), NORM_AXES))
+
+
+def sinusoidal_embedding(positions: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
+                         downscale_freq_shift: float = 0.0, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) positions/timesteps.
+
+  Args:
+    positions: ``[n]`` float or int.
+    dim: embedding size.
+    flip_sin_to_cos: ``cos | sin`` order (SD / sgm) instead of ``sin | cos``.
+    downscale_freq_shift: diffusers' ``freq_shift`` (0 for SD, 1 for some ADM variants).
+  Returns:
+    ``[n, dim]`` float32.
+  """
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
+  args = positions.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+  if dim % 2 == 1:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimestepEmbedding(nn.Module):
+  """diffusers ``TimestepEmbedding``: linear_1 -> SiLU -> linear_2. [n, c_in] -> [n, out]."""
+  features: int
+  out_features: Optional[int] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = dense(self.features, name="linear_1", **kw)(x)
+    x = nn.silu(x)
+    return dense(self.out_features or self.features, axes=("mlp", "embed"), name="linear_2", **kw)(x)
+
+
+def dot_product_attention(q, k, v, *, num_heads: int, mask: Optional[jax.Array] = None,
+                          implementation: Optional[str] = None):
+  """Multi-head scaled dot-product attention on ``[b, n, c]`` tensors (c = heads * head_dim).
+
+  ``mask``: boolean, broadcastable to ``[b, heads, n_q, n_k]``; True = attend.
+  ``implementation``: passed to ``jax.nn.dot_product_attention`` (None = XLA picks; "cudnn" for fused GPU).
+  Softmax runs in fp32 regardless of the input dtype.
+  """
+  b, nq, c = q.shape
+  nk = k.shape[1]
+  head_dim = c // num_heads
+  q = q.reshape(b, nq, num_heads, head_dim)
+  k = k.reshape(b, nk, num_heads, head_dim)
+  v = v.reshape(b, nk, num_heads, v.shape[-1] // num_heads)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+  return out.reshape(b, nq, -1)

@@ -1,0 +1,201 @@
+"""The converter CLI end to end: sources, output format, strictness, safety, round trip."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from videoldm_jax import convert
+from videoldm_jax.conversion.core import ConversionError, flatten_paths
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_unet():
+  from diffusers import UNet2DConditionModel
+  return UNet2DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+      cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+
+
+def _tiny_vae():
+  from diffusers import AutoencoderKL
+  return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                       latent_channels=4, norm_num_groups=8, sample_size=16)
+
+
+def _tiny_clip():
+  from transformers import CLIPTextConfig, CLIPTextModel
+  return CLIPTextModel(CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu"))
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+  """A tiny random diffusers pipeline folder (unet/ vae/ text_encoder/ scheduler/), written offline."""
+  from diffusers import DDIMScheduler
+  torch.manual_seed(0)
+  root = tmp_path_factory.mktemp("pipe")
+  _tiny_unet().save_pretrained(root / "unet")
+  _tiny_vae().save_pretrained(root / "vae")
+  _tiny_clip().save_pretrained(root / "text_encoder")
+  DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                prediction_type="v_prediction").save_pretrained(root / "scheduler")
+  return root
+
+
+def _run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "videoldm_jax.convert", *args], capture_output=True, text=True,
+                        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+
+
+def _assert_no_output(out):
+  parent = os.path.dirname(str(out))
+  assert not os.path.exists(out)
+  assert not [p for p in os.listdir(parent) if ".tmp-" in p], "temporary output left behind"
+
+
+def _state_dict_file(folder, name):
+  for fname in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+    path = os.path.join(folder, name, fname)
+    if os.path.exists(path):
+      return path
+  raise FileNotFoundError(folder)
+
+
+def test_pipeline_folder_converts_and_loads(pipeline_dir, tmp_path):
+  out = tmp_path / "sd_tiny"
+  res = _run_cli("--source", str(pipeline_dir), "--output", str(out))
+  assert res.returncode == 0, res.stderr
+  meta = json.loads((out / "config.json").read_text())
+  assert meta["format"] == convert.FORMAT
+  assert set(meta["components"]) == {"unet", "vae", "text_encoder"}
+  assert meta["schedule"]["prediction_type"] == "v_prediction"
+  assert meta["schedule"]["beta_schedule"] == "scaled_linear"
+
+  loaded = convert.load_converted(str(out))
+  # Every parameter of the PyTorch models arrives, value for value.
+  from safetensors.numpy import load_file
+  for name in ("unet", "vae", "text_encoder"):
+    torch_sd = load_file(_state_dict_file(pipeline_dir, name))
+    n_torch = sum(v.size for v in torch_sd.values())
+    n_flax = sum(np.size(v) for _, v in flatten_paths(loaded.params[name]))
+    assert n_torch == n_flax, name
+  # Exported back, the tensors equal the originals exactly.
+  exported = tmp_path / "exported"
+  res = _run_cli("--source", str(out), "--output", str(exported), "--to", "diffusers")
+  assert res.returncode == 0, res.stderr
+  for name in ("unet", "vae", "text_encoder"):
+    original = load_file(_state_dict_file(pipeline_dir, name))
+    back = load_file(_state_dict_file(exported, name))
+    original = {k.removeprefix("text_model."): v for k, v in original.items() if not k.endswith("position_ids")}
+    back = {k.removeprefix("text_model."): v for k, v in back.items()}
+    assert set(original) == set(back), name
+    for k in original:
+      np.testing.assert_array_equal(original[k], back[k], err_msg=k)
+
+
+def test_bfloat16_output(pipeline_dir, tmp_path):
+  out = tmp_path / "bf16"
+  res = _run_cli("--source", str(pipeline_dir / "vae"), "--output", str(out), "--dtype", "bfloat16")
+  assert res.returncode == 0, res.stderr
+  loaded = convert.load_converted(str(out))
+  assert set(loaded.params) == {"vae"}
+  dtypes = {str(np.asarray(v).dtype) for _, v in flatten_paths(loaded.params["vae"])}
+  assert dtypes == {"bfloat16"}
+
+
+def _mutated_vae_dir(pipeline_dir, tmp_path, mutate):
+  from safetensors.numpy import load_file, save_file
+  import shutil
+  dst = tmp_path / "vae_mut"
+  shutil.copytree(pipeline_dir / "vae", dst)
+  path = dst / "diffusion_pytorch_model.safetensors"
+  sd = load_file(str(path))
+  mutate(sd)
+  save_file(sd, str(path))
+  return dst
+
+
+@pytest.mark.parametrize("case", ["missing", "unexpected", "shape"])
+def test_strict_failures_name_the_key_and_leave_nothing(pipeline_dir, tmp_path, case):
+  key = "decoder.conv_in.weight"
+
+  def mutate(sd):
+    if case == "missing":
+      del sd[key]
+    elif case == "unexpected":
+      sd["decoder.extra_layer.weight"] = np.zeros((3,), np.float32)
+    else:
+      sd[key] = np.zeros((1, 2, 3, 3), np.float32)
+
+  src = _mutated_vae_dir(pipeline_dir, tmp_path, mutate)
+  out = tmp_path / "out"
+  res = _run_cli("--source", str(src), "--output", str(out))
+  assert res.returncode != 0
+  expected = {"missing": ["missing keys", key], "unexpected": ["unexpected keys", "decoder.extra_layer.weight"],
+              "shape": ["shape mismatches", key]}[case]
+  for text in expected:
+    assert text in res.stderr, res.stderr
+  assert "Traceback" not in res.stderr
+  _assert_no_output(out)
+
+
+def test_wrong_file_type_is_refused(tmp_path):
+  bogus = tmp_path / "weights.txt"
+  bogus.write_text("hello")
+  res = _run_cli("--source", str(bogus), "--output", str(tmp_path / "out"))
+  assert res.returncode != 0 and "unsupported checkpoint type" in res.stderr
+  fake = tmp_path / "fake.safetensors"
+  fake.write_bytes(b"\x00\x01garbage")
+  res = _run_cli("--source", str(fake), "--output", str(tmp_path / "out2"))
+  assert res.returncode != 0 and "fake.safetensors" in res.stderr and "Traceback" not in res.stderr
+  _assert_no_output(tmp_path / "out")
+  _assert_no_output(tmp_path / "out2")
+
+
+class _Exploit:
+  """A pickle payload that would run a command on load."""
+
+  def __init__(self, sentinel):
+    self.sentinel = sentinel
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.sentinel}",))
+
+
+def test_code_executing_pickle_is_refused(tmp_path):
+  sentinel = tmp_path / "pwned"
+  ckpt = tmp_path / "evil.ckpt"
+  torch.save({"state_dict": {"model.diffusion_model.conv_in.weight": torch.zeros(1), "x": _Exploit(sentinel)}},
+             ckpt, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+  res = _run_cli("--source", str(ckpt), "--output", str(tmp_path / "out"))
+  assert res.returncode != 0
+  assert "refused" in res.stderr and "evil.ckpt" in res.stderr, res.stderr
+  assert not sentinel.exists(), "checkpoint code was executed"
+  _assert_no_output(tmp_path / "out")
+
+
+def test_existing_output_is_not_overwritten(pipeline_dir, tmp_path):
+  out = tmp_path / "exists"
+  out.mkdir()
+  (out / "keep.txt").write_text("mine")
+  res = _run_cli("--source", str(pipeline_dir / "vae"), "--output", str(out))
+  assert res.returncode != 0 and "already exists" in res.stderr
+  assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_config_round_trip_rejects_unknown_fields():
+  from videoldm_jax.models.vae import VAEConfig
+  cfg = VAEConfig.tiny() if hasattr(VAEConfig, "tiny") else VAEConfig()
+  data = json.loads(json.dumps(convert.config_to_dict(cfg)))
+  assert convert.config_from_dict(VAEConfig, data["config"]) == cfg
+  with pytest.raises(ValueError, match="not_a_field"):
+    convert.config_from_dict(VAEConfig, {**data["config"], "not_a_field": 1})

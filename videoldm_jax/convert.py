@@ -1,0 +1,459 @@
+r"""PyTorch Stable Diffusion weights -> Flax params (strict), and back.
+
+Usage::
+
+  # a diffusers pipeline folder (unet/ vae/ text_encoder/ [scheduler/]), one diffusers model folder,
+  # or a single-file CompVis/SD checkpoint (.ckpt / .safetensors):
+  python -m videoldm_jax.convert --source=/path/to/stable-diffusion-v1-5 --output=/ckpt/sd15 [--dtype=bfloat16]
+  # Flax -> diffusers-layout safetensors (image components):
+  python -m videoldm_jax.convert --source=/ckpt/sd15 --output=/tmp/sd15_torch --to=diffusers
+
+OUT is a directory holding ``config.json`` (model configs, schedule, provenance) and one orbax checkpoint per
+component (``unet/``, ``vae/``, ``text_encoder/``). :func:`load_converted` reads it back with no torch installed.
+
+Every source tensor must be consumed and every Flax param filled with the right shape; otherwise the command
+exits non-zero naming the keys, and nothing is left at OUT (it is written to a temporary sibling, then renamed).
+PyTorch pickles are only read with ``torch.load(weights_only=True)``; nothing in a checkpoint is executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import sys
+import tempfile
+import typing
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from videoldm_jax.conversion import io as ckpt_io
+from videoldm_jax.conversion.core import ConversionError, PrefixSource, TensorSource
+
+FORMAT = "videoldm_jax.converted/1"
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+# Non-weight entries of CompVis single-file checkpoints: the DDPM schedule buffers. They are read to recover
+# the noise schedule (and checked), so they count as consumed.
+_COMPVIS_SCHEDULE_KEYS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "lvlb_weights",
+})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config (de)serialisation.
+
+def config_to_dict(config) -> Dict[str, Any]:
+  return {"class": type(config).__name__, "config": dataclasses.asdict(config)}
+
+
+def _coerce(value, hint):
+  """JSON value -> the dataclass field type (lists -> tuples, dicts -> nested dataclasses)."""
+  origin = typing.get_origin(hint)
+  args = typing.get_args(hint)
+  if value is None:
+    return None
+  if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+    return config_from_dict(hint, value)
+  if origin is typing.Union:
+    for arg in args:
+      if arg is type(None):
+        continue
+      if dataclasses.is_dataclass(arg) and isinstance(value, Mapping):
+        return config_from_dict(arg, value)
+    non_none = [a for a in args if a is not type(None)]
+    return _coerce(value, non_none[0]) if len(non_none) == 1 else _tuplify(value)
+  if origin in (tuple, list) or isinstance(value, list):
+    return _tuplify(value)
+  return value
+
+
+def _tuplify(value):
+  if isinstance(value, list):
+    return tuple(_tuplify(v) for v in value)
+  return value
+
+
+def config_from_dict(cls, data: Mapping[str, Any]):
+  """Rebuilds a frozen config dataclass from its ``dataclasses.asdict`` form; unknown fields are an error."""
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - names)
+  if unknown:
+    raise ValueError(f"{cls.__name__}: unknown config fields {unknown}")
+  return cls(**{k: _coerce(v, hints.get(k, Any)) for k, v in data.items()})
+
+
+def _config_classes():
+  from videoldm_jax.models import clip, unet, vae
+  return {"UNetConfig": unet.UNetConfig, "VAEConfig": vae.VAEConfig, "CLIPTextConfig": clip.CLIPTextConfig}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Source discovery.
+
+def _weight_files(folder: str, stems: Tuple[str, ...]) -> List[str]:
+  """The weight file(s) of a diffusers/transformers model folder, safetensors preferred (sharded allowed)."""
+  for stem in stems:
+    single = os.path.join(folder, f"{stem}.safetensors")
+    if os.path.isfile(single):
+      return [single]
+    shards = sorted(glob.glob(os.path.join(folder, f"{stem}-*-of-*.safetensors")))
+    if shards:
+      return shards
+  for stem in stems:
+    for suffix in (".bin", ".ckpt", ".pt"):
+      path = os.path.join(folder, stem + suffix)
+      if os.path.isfile(path):
+        return [path]
+  raise ConversionError(f"{folder}: no weights found (looked for {', '.join(s + '.safetensors|.bin' for s in stems)})")
+
+
+class _ProgressSource(TensorSource):
+  """Counts tensors as they are read (one at a time) on a shared tqdm bar."""
+
+  def __init__(self, source: TensorSource, bar):
+    self.source, self.bar, self.name = source, bar, source.name
+
+  def keys(self):
+    return self.source.keys()
+
+  def shape(self, key):
+    return self.source.shape(key)
+
+  def _read(self, key):
+    self.bar.update(1)
+    return self.source._read(key)
+
+
+_PROGRESS = {"enabled": False}
+
+
+def _open(paths) -> TensorSource:
+  source = ckpt_io.open_checkpoint(paths)
+  if not _PROGRESS["enabled"]:
+    return source
+  from tqdm import tqdm
+  bar = tqdm(total=len(source.keys()), desc=os.path.basename(str(source.name))[:40], unit="tensor", leave=False)
+  return _ProgressSource(source, bar)
+
+
+def _read_json(path: str) -> Dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise ConversionError(f"{path}: missing") from None
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{path}: invalid JSON ({e})") from e
+
+
+def _component_kind(config_json: Mapping) -> Optional[str]:
+  cls = config_json.get("_class_name") or (config_json.get("architectures") or [None])[0]
+  return {
+      "UNet2DConditionModel": "unet",
+      "AutoencoderKL": "vae",
+      "CLIPTextModel": "text_encoder",
+      "CLIPTextModelWithProjection": "text_encoder",
+  }.get(cls)
+
+
+def _convert_diffusers_component(kind: str, folder: str, dtype) -> Tuple[Any, Dict]:
+  from videoldm_jax.conversion import clip as clip_conv
+  from videoldm_jax.conversion import unet as unet_conv
+  from videoldm_jax.conversion import vae as vae_conv
+  from videoldm_jax.models import clip, unet, vae
+  cfg_json = _read_json(os.path.join(folder, "config.json"))
+  if kind == "unet":
+    config = unet.unet_config_from_diffusers(cfg_json)
+    source = _open(_weight_files(folder, ("diffusion_pytorch_model",)))
+    return config, unet_conv.convert_unet(source, config, dtype=dtype)
+  if kind == "vae":
+    config = vae.vae_config_from_diffusers(cfg_json)
+    source = _open(_weight_files(folder, ("diffusion_pytorch_model",)))
+    return config, vae_conv.convert_vae(source, config, dtype=dtype)
+  if kind == "text_encoder":
+    config = clip.clip_config_from_transformers(cfg_json)
+    source = _open(_weight_files(folder, ("model", "pytorch_model")))
+    return config, clip_conv.convert_clip_text(source, config, dtype=dtype)
+  raise ConversionError(f"{folder}: unsupported component {kind!r}")
+
+
+def _schedule_from_scheduler_config(cfg: Mapping) -> Dict[str, Any]:
+  keys = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "prediction_type", "steps_offset",
+          "set_alpha_to_one", "clip_sample")
+  return {k: cfg[k] for k in keys if k in cfg}
+
+
+def _schedule_from_compvis(source: TensorSource, prediction_type: str) -> Dict[str, Any]:
+  """Recovers the training schedule from a CompVis checkpoint's ``betas`` buffer (or SD's default)."""
+  schedule: Dict[str, Any] = {"num_train_timesteps": 1000, "prediction_type": prediction_type}
+  if "betas" not in source.keys():
+    schedule.update(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return schedule
+  betas = source.get("betas").astype(np.float64)
+  schedule["num_train_timesteps"] = int(betas.shape[0])
+  start, end = float(betas[0]), float(betas[-1])
+  scaled = np.linspace(start ** 0.5, end ** 0.5, betas.shape[0]) ** 2
+  linear = np.linspace(start, end, betas.shape[0])
+  if np.allclose(betas, scaled, rtol=1e-4, atol=1e-7):
+    schedule.update(beta_schedule="scaled_linear", beta_start=round(start, 6), beta_end=round(end, 6))
+  elif np.allclose(betas, linear, rtol=1e-4, atol=1e-7):
+    schedule.update(beta_schedule="linear", beta_start=round(start, 6), beta_end=round(end, 6))
+  else:
+    raise ConversionError(f"{source.name}: 'betas' is neither a linear nor a scaled-linear schedule")
+  return schedule
+
+
+def convert_single_file(path: str, dtype, prediction_type: str = "epsilon", drop_ema: bool = False):
+  """A CompVis/SD single-file checkpoint -> ({component: config}, {component: params}, schedule)."""
+  from videoldm_jax.conversion import clip as clip_conv
+  from videoldm_jax.conversion import unet as unet_conv
+  from videoldm_jax.conversion import vae as vae_conv
+  source = _open(path)
+  keys = source.keys()
+  prefixes = {
+      "unet": "model.diffusion_model.",
+      "vae": "first_stage_model.",
+      "clip": "cond_stage_model.transformer.",
+      "openclip": "cond_stage_model.model.",
+  }
+  ema = [k for k in keys if k.startswith("model_ema.")]
+  if ema and not drop_ema:
+    raise ConversionError(f"{path}: contains {len(ema)} 'model_ema.*' entries (an EMA copy of the UNet); "
+                          f"pass --drop_ema to convert the raw weights and discard them explicitly")
+  known = tuple(prefixes.values()) + ("model_ema.",)
+  stray = sorted(k for k in keys if not k.startswith(known) and k not in _COMPVIS_SCHEDULE_KEYS)
+  if stray:
+    shown = ", ".join(stray[:8]) + (f" (+{len(stray) - 8} more)" if len(stray) > 8 else "")
+    raise ConversionError(f"{path}: {len(stray)} unexpected keys outside the UNet/VAE/text encoder: {shown}")
+  if not any(k.startswith(prefixes["unet"]) for k in keys):
+    raise ConversionError(f"{path}: no 'model.diffusion_model.*' keys -- not a Stable Diffusion checkpoint")
+
+  configs, params = {}, {}
+  unet_src = unet_conv.compvis_unet_source(PrefixSource(source, prefixes["unet"]))
+  configs["unet"] = unet_conv.unet_config_from_compvis(unet_src)
+  params["unet"] = unet_conv.convert_unet(unet_src, configs["unet"], dtype=dtype)
+  if any(k.startswith(prefixes["vae"]) for k in keys):
+    vae_src = vae_conv.compvis_vae_source(PrefixSource(source, prefixes["vae"]))
+    configs["vae"] = vae_conv.vae_config_from_compvis(vae_src)
+    params["vae"] = vae_conv.convert_vae(vae_src, configs["vae"], dtype=dtype)
+  if any(k.startswith(prefixes["clip"]) for k in keys):
+    clip_src = clip_conv.compvis_clip_source(PrefixSource(source, prefixes["clip"]))
+  elif any(k.startswith(prefixes["openclip"]) for k in keys):
+    clip_src = clip_conv.openclip_text_source(PrefixSource(source, prefixes["openclip"]))
+  else:
+    clip_src = None
+  if clip_src is not None:
+    configs["text_encoder"] = clip_conv.clip_config_from_compvis(clip_src)
+    params["text_encoder"] = clip_conv.convert_clip_text(clip_src, configs["text_encoder"], dtype=dtype)
+  return configs, params, _schedule_from_compvis(source, prediction_type)
+
+
+def convert_source(src: str, dtype=np.float32, prediction_type: Optional[str] = None, drop_ema: bool = False):
+  """Any supported source -> ({component: config}, {component: params}, schedule dict)."""
+  if os.path.isfile(src):
+    return convert_single_file(src, dtype, prediction_type or "epsilon", drop_ema)
+  if not os.path.isdir(src):
+    raise ConversionError(f"{src}: no such file or directory")
+  configs, params, schedule = {}, {}, {}
+  if os.path.isfile(os.path.join(src, "config.json")):  # one diffusers/transformers model folder
+    kind = _component_kind(_read_json(os.path.join(src, "config.json")))
+    if kind is None:
+      raise ConversionError(f"{src}/config.json: unsupported model class "
+                            f"(expected UNet2DConditionModel, AutoencoderKL or CLIPTextModel)")
+    configs[kind], params[kind] = _convert_diffusers_component(kind, src, dtype)
+  else:  # pipeline folder
+    found = [c for c in COMPONENTS if os.path.isdir(os.path.join(src, c))]
+    if not found:
+      raise ConversionError(f"{src}: not a diffusers pipeline folder (no unet/, vae/ or text_encoder/) "
+                            f"and no config.json")
+    for name in found:
+      folder = os.path.join(src, name)
+      kind = _component_kind(_read_json(os.path.join(folder, "config.json")))
+      if kind != name:
+        raise ConversionError(f"{folder}/config.json: expected a {name} model, found "
+                              f"{_read_json(os.path.join(folder, 'config.json')).get('_class_name')}")
+      configs[name], params[name] = _convert_diffusers_component(name, folder, dtype)
+    sched_path = os.path.join(src, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sched_path):
+      schedule = _schedule_from_scheduler_config(_read_json(sched_path))
+  if prediction_type:
+    schedule["prediction_type"] = prediction_type
+  return configs, params, schedule
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output.
+
+def save_converted(output: str, configs: Mapping, params: Mapping, schedule: Mapping, *, source: str = "",
+                   dtype_name: str = "float32", overwrite: bool = False) -> None:
+  """Writes OUT atomically: a temporary sibling directory is filled, then renamed into place."""
+  import orbax.checkpoint as ocp
+  output = os.path.abspath(output)
+  if os.path.exists(output) and not overwrite:
+    raise ConversionError(f"{output}: already exists (pass --overwrite to replace it)")
+  parent = os.path.dirname(output)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+  try:
+    meta = {"format": FORMAT, "source": source, "dtype": dtype_name, "schedule": dict(schedule),
+            "components": {name: config_to_dict(cfg) for name, cfg in configs.items()}}
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
+    with ocp.StandardCheckpointer() as ckptr:
+      for name, tree in params.items():
+        ckptr.save(os.path.join(tmp, name), tree)
+      ckptr.wait_until_finished()
+    if os.path.exists(output):
+      shutil.rmtree(output)
+    os.rename(tmp, output)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+@dataclasses.dataclass
+class Converted:
+  configs: Dict[str, Any]
+  params: Dict[str, Any]
+  schedule: Dict[str, Any]
+  meta: Dict[str, Any]
+
+
+def load_converted_configs(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """Reads only ``config.json``: ({component: config dataclass}, meta)."""
+  meta = _read_json(os.path.join(path, "config.json"))
+  if meta.get("format") != FORMAT:
+    raise ConversionError(f"{path}/config.json: format {meta.get('format')!r}, expected {FORMAT!r}")
+  classes = _config_classes()
+  configs = {}
+  for name, entry in meta["components"].items():
+    if entry["class"] not in classes:
+      raise ConversionError(f"{path}/config.json: unknown config class {entry['class']!r} for {name}")
+    configs[name] = config_from_dict(classes[entry["class"]], entry["config"])
+  return configs, meta
+
+
+def load_converted(path: str, components: Optional[Tuple[str, ...]] = None,
+                   targets: Optional[Mapping[str, Any]] = None) -> Converted:
+  """Loads a converted checkpoint (no torch needed).
+
+  Args:
+    path: the OUT directory of ``videoldm_jax.convert``.
+    components: subset to load (default: all present).
+    targets: optional ``{component: abstract tree}`` of ``jax.ShapeDtypeStruct`` with shardings, to restore
+      directly into sharded arrays on a mesh.
+  """
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(path)
+  configs, meta = load_converted_configs(path)
+  names = components or tuple(configs)
+  missing = [n for n in names if n not in configs]
+  if missing:
+    raise ConversionError(f"{path}: has no component(s) {missing}; it holds {sorted(configs)}")
+  params = {}
+  with ocp.StandardCheckpointer() as ckptr:
+    for name in names:
+      target = (targets or {}).get(name)
+      params[name] = ckptr.restore(os.path.join(path, name), target) if target is not None else \
+          ckptr.restore(os.path.join(path, name))
+  return Converted({n: configs[n] for n in names}, params, meta.get("schedule", {}), meta)
+
+
+def export_diffusers(converted_path: str, output: str, overwrite: bool = False) -> List[str]:
+  """Flax converted checkpoint -> diffusers/transformers-layout safetensors, one folder per component."""
+  from videoldm_jax.conversion import clip as clip_conv
+  from videoldm_jax.conversion import unet as unet_conv
+  from videoldm_jax.conversion import vae as vae_conv
+  conv = load_converted(converted_path)
+  exporters: Dict[str, Tuple[Callable, str]] = {
+      "unet": (unet_conv.unet_to_diffusers, "diffusion_pytorch_model.safetensors"),
+      "vae": (vae_conv.vae_to_diffusers, "diffusion_pytorch_model.safetensors"),
+      "text_encoder": (clip_conv.clip_to_transformers, "model.safetensors"),
+  }
+  output = os.path.abspath(output)
+  if os.path.exists(output) and not overwrite:
+    raise ConversionError(f"{output}: already exists (pass --overwrite to replace it)")
+  os.makedirs(os.path.dirname(output), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=os.path.dirname(output))
+  written = []
+  try:
+    for name, tree in conv.params.items():
+      fn, filename = exporters[name]
+      tensors = {k: np.asarray(v, dtype=np.float32) for k, v in fn(tree).items()}
+      os.makedirs(os.path.join(tmp, name))
+      ckpt_io.save_safetensors(tensors, os.path.join(tmp, name, filename))
+      written.append(os.path.join(output, name, filename))
+    if os.path.exists(output):
+      shutil.rmtree(output)
+    os.rename(tmp, output)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return written
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI.
+
+def _dtype(name: str):
+  if name == "float32":
+    return np.float32
+  if name == "bfloat16":
+    import ml_dtypes
+    return ml_dtypes.bfloat16
+  raise ConversionError(f"--dtype: {name!r} is not one of float32, bfloat16")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  import argparse
+  parser = argparse.ArgumentParser(prog="python -m videoldm_jax.convert", description=__doc__.split("\n")[0])
+  parser.add_argument("--source", required=True, help="diffusers pipeline/model folder or .ckpt/.safetensors file")
+  parser.add_argument("--output", required=True, help="output directory (must not exist unless --overwrite)")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
+                      help="overrides the scheduler config; single files cannot tell (SD 2.x 768-v is v)")
+  parser.add_argument("--drop_ema", action="store_true", help="discard model_ema.* weights of CompVis files")
+  parser.add_argument("--to", default="flax", choices=["flax", "diffusers"],
+                      help="'diffusers': export a converted Flax checkpoint back to PyTorch-layout safetensors")
+  parser.add_argument("--overwrite", action="store_true")
+  args = parser.parse_args(argv)
+  try:
+    if args.to == "diffusers":
+      for p in export_diffusers(args.source, args.output, overwrite=args.overwrite):
+        print(f"wrote {p}")
+      return 0
+    if os.path.exists(args.output) and not args.overwrite:
+      raise ConversionError(f"{args.output}: already exists (pass --overwrite to replace it)")
+    dtype = _dtype(args.dtype)
+    _PROGRESS["enabled"] = True
+    configs, params, schedule = convert_source(args.source, dtype, args.prediction_type, args.drop_ema)
+    save_converted(args.output, configs, params, schedule, source=os.path.abspath(args.source),
+                   dtype_name=args.dtype, overwrite=args.overwrite)
+  except ConversionError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  counts = {n: sum(int(np.prod(np.shape(x))) for x in _leaves(t)) for n, t in params.items()}
+  for name, n in counts.items():
+    print(f"{name}: {n:,} params")
+  print(f"wrote {os.path.abspath(args.output)}")
+  return 0
+
+
+def _leaves(tree):
+  if isinstance(tree, Mapping):
+    for v in tree.values():
+      yield from _leaves(v)
+  else:
+    yield tree
+
+
+if __name__ == "__main__":
+  sys.exit(main())

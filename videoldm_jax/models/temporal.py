@@ -1,0 +1,269 @@
+"""Video LDM temporal alignment layers (Blattmann et al. 2023, Sec. 3.1).
+
+Temporal layers are interleaved with frozen spatial layers and merged with an :class:`AlphaBlender`::
+
+  out = alpha * z_spatial + (1 - alpha) * z_temporal
+
+* :class:`TemporalResBlock`: 3D-conv residual block, kernel (3, 1, 1), zero padding in time, per-frame diffusion
+  timestep embedding added after the first conv, last conv zero-initialised (so it starts as the identity).
+* :class:`TemporalTransformerBlock`: temporal self-attention over frames (optionally windowed to
+  ``max_frame_distance``), optional cross-attention to a conditioning sequence, GEGLU feed-forwards.
+* :func:`frame_position_features`: sinusoidal frame-index features; the caller owns the ``temporal_pos_embed`` MLP.
+
+Module and parameter names mirror diffusers (``TemporalResnetBlock``, ``TemporalBasicTransformerBlock``,
+``AlphaBlender``) so SVD weights map mechanically. Layouts: videos ``[b, t, h, w, c]``, temporal tokens
+``[(b h w), t, c]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from videoldm_jax.models import layers
+
+Dtype = Any
+
+MERGE_STRATEGIES = ("fixed", "learned", "learned_with_images")
+
+
+@dataclasses.dataclass(frozen=True)
+class TemporalConfig:
+  """Options of the temporal layers of a video U-Net (``UNetConfig.temporal``; ``None`` there = image model).
+
+  Attributes:
+    merge_strategy: ``fixed`` (alpha = merge_factor), ``learned`` (alpha = sigmoid(mix_factor)) or
+      ``learned_with_images`` (as ``learned`` but alpha = 1 on frames flagged by ``image_only_indicator``).
+    merge_factor: initial ``mix_factor`` (a logit for the learned strategies; sgm / SVD use 0.5).
+    max_frame_distance: temporal attention window; frame i attends to j only if |i - j| <= this (None = all).
+    cross_attention: whether the temporal transformer blocks cross-attend to a conditioning sequence (text for
+      T2V, the CLIP image embedding for SVD); False = no ``attn2``.
+    use_spatial_context: the temporal cross-attention context is the first frame's spatial context (sgm /
+      SVD); otherwise the U-Net's ``temporal_context`` argument.
+    context_dim: feature size of the temporal context (None = the spatial cross-attention dim).
+    kernel_size: temporal ResBlock conv kernel ``(t, h, w)``.
+    zero_init: zero-initialise the last conv of each temporal ResBlock (sgm); diffusers does not.
+    dropout: dropout rate inside temporal ResBlocks.
+  """
+  merge_strategy: str = "learned_with_images"
+  merge_factor: float = 0.5
+  max_frame_distance: Optional[int] = None
+  cross_attention: bool = True
+  use_spatial_context: bool = True
+  context_dim: Optional[int] = None
+  kernel_size: Tuple[int, int, int] = (3, 1, 1)
+  zero_init: bool = True
+  dropout: float = 0.0
+
+  def __post_init__(self):
+    if self.merge_strategy not in MERGE_STRATEGIES:
+      raise ValueError(f"merge_strategy must be one of {MERGE_STRATEGIES}, got {self.merge_strategy!r}")
+    object.__setattr__(self, "kernel_size", tuple(self.kernel_size))  # JSON round-trip gives a list
+
+  @classmethod
+  def from_dict(cls, d: Optional[dict]) -> Optional["TemporalConfig"]:
+    return None if d is None else cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Alpha blending.
+
+class AlphaBlender(nn.Module):
+  """``alpha * x_spatial + (1 - alpha) * x_temporal`` with one scalar alpha per layer (sgm ``AlphaBlender``).
+
+  Inputs are either videos ``[b, t, ...]`` (5D, e.g. ``[b, t, h, w, c]``) or frame-major flattened tensors
+  ``[(b t), ...]`` (3D/4D, e.g. tokens ``[(b t), n, c]``); ``image_only_indicator`` ``[b, t]`` (bool / 0-1) is
+  broadcast accordingly. ``switch_spatial_to_temporal_mix`` swaps the roles (the temporal VAE decoder convention).
+  """
+  merge_strategy: str = "learned_with_images"
+  merge_factor: float = 0.5
+  switch_spatial_to_temporal_mix: bool = False
+  param_dtype: Dtype = jnp.float32
+
+  def get_alpha(self, image_only_indicator: Optional[jax.Array] = None) -> jax.Array:
+    """Returns alpha as a ``[1]`` fp32 array, or ``[b, t]`` for ``learned_with_images`` with an indicator."""
+    if self.merge_strategy not in MERGE_STRATEGIES:
+      raise ValueError(f"merge_strategy must be one of {MERGE_STRATEGIES}, got {self.merge_strategy!r}")
+    if self.merge_strategy == "fixed":
+      # A constant (a buffer in PyTorch), not a trainable parameter.
+      return jnp.full((1,), self.merge_factor, jnp.float32)
+    mix_factor = self.param("mix_factor", nn.with_logical_partitioning(
+        nn.initializers.constant(self.merge_factor), (None,)), (1,), self.param_dtype)
+    alpha = jax.nn.sigmoid(jnp.asarray(mix_factor, jnp.float32))
+    if self.merge_strategy == "learned_with_images" and image_only_indicator is not None:
+      alpha = jnp.where(jnp.asarray(image_only_indicator) != 0, jnp.float32(1.0), alpha)
+    return alpha
+
+  @nn.compact
+  def __call__(self, x_spatial: jax.Array, x_temporal: jax.Array,
+               image_only_indicator: Optional[jax.Array] = None) -> jax.Array:
+    alpha = self.get_alpha(image_only_indicator)
+    if alpha.ndim == 2:  # [b, t]
+      if x_spatial.ndim == 5:
+        alpha = alpha[:, :, None, None, None]
+      else:
+        alpha = alpha.reshape((-1,) + (1,) * (x_spatial.ndim - 1))
+    if self.switch_spatial_to_temporal_mix:
+      alpha = 1.0 - alpha
+    alpha = alpha.astype(x_spatial.dtype)
+    return alpha * x_spatial + (1.0 - alpha) * x_temporal
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3D-conv temporal residual block.
+
+class TemporalResBlock(nn.Module):
+  """diffusers ``TemporalResnetBlock`` / sgm ``ResBlock(dims=3)``: ``[b, t, h, w, c] -> [b, t, h, w, c]``.
+
+  GN -> SiLU -> Conv3D -> (+ time_emb_proj(SiLU(emb)) per frame) -> GN -> SiLU -> dropout -> Conv3D; identity skip.
+  """
+  features: int
+  kernel_size: Sequence[int] = (3, 1, 1)
+  eps: float = 1e-5
+  num_groups: int = 32
+  dropout: float = 0.0
+  zero_init: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: Optional[jax.Array] = None, *, deterministic: bool = True) -> jax.Array:
+    """``x``: ``[b, t, h, w, c]``; ``emb``: per-frame diffusion-time embedding ``[b, t, E]`` (or None)."""
+    if x.shape[-1] != self.features:
+      raise ValueError(f"TemporalResBlock keeps the channel count: input has {x.shape[-1]}, features={self.features}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = layers.group_norm(name="norm1", num_groups=self.num_groups, epsilon=self.eps, **kw)(x)
+    h = nn.silu(h)
+    h = layers.conv(self.features, self.kernel_size, name="conv1", **kw)(h)
+    if emb is not None:
+      e = layers.dense(self.features, name="time_emb_proj", **kw)(nn.silu(emb))
+      h = h + e[:, :, None, None, :].astype(h.dtype)
+    h = layers.group_norm(name="norm2", num_groups=self.num_groups, epsilon=self.eps, **kw)(h)
+    h = nn.silu(h)
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    # Zero-init makes the block the identity at init, so inserting it leaves the image model unchanged.
+    out_init = nn.initializers.zeros_init() if self.zero_init else nn.initializers.lecun_normal()
+    h = layers.conv(self.features, self.kernel_size, name="conv2", kernel_init=out_init, **kw)(h)
+    return x + h
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Temporal transformer block.
+
+class _Attention(nn.Module):
+  """diffusers ``Attention`` (to_q / to_k / to_v without bias, to_out_0 with bias) on ``[n, l, c]`` tokens."""
+  num_heads: int
+  head_dim: int
+  out_features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, mask: Optional[jax.Array] = None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    inner = self.num_heads * self.head_dim
+    context = x if context is None else context
+    q = layers.dense(inner, name="to_q", axes=("embed", "heads"), use_bias=False, **kw)(x)
+    k = layers.dense(inner, name="to_k", axes=("embed", "heads"), use_bias=False, **kw)(context)
+    v = layers.dense(inner, name="to_v", axes=("embed", "heads"), use_bias=False, **kw)(context)
+    out = layers.dot_product_attention(q, k, v, num_heads=self.num_heads, mask=mask)
+    return layers.dense(self.out_features, name="to_out_0", axes=("heads", "embed"), **kw)(out)
+
+
+class _GEGLU(nn.Module):
+  """diffusers ``GEGLU``: ``proj`` to ``2 * features``, then ``h * gelu(gate)`` (exact erf GELU, as torch)."""
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = layers.dense(2 * self.features, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    h, gate = jnp.split(h, 2, axis=-1)
+    return h * nn.gelu(gate, approximate=False)
+
+
+class _GEGLUFeedForward(nn.Module):
+  """diffusers ``FeedForward(activation_fn="geglu")``: net_0 (GEGLU to ``mult * c``) -> dropout -> net_2."""
+  out_features: int
+  mult: int = 4
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = _GEGLU(x.shape[-1] * self.mult, name="net_0", **kw)(x)
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    return layers.dense(self.out_features, name="net_2", axes=("mlp", "embed"), **kw)(h)
+
+
+def frame_window_mask(num_frames: int, max_frame_distance: Optional[int]) -> Optional[jax.Array]:
+  """Boolean ``[1, 1, t, t]`` mask, True where ``|i - j| <= max_frame_distance`` (None when unrestricted)."""
+  if max_frame_distance is None or max_frame_distance >= num_frames - 1:
+    return None
+  idx = jnp.arange(num_frames)
+  return (jnp.abs(idx[:, None] - idx[None, :]) <= max_frame_distance)[None, None]
+
+
+class TemporalTransformerBlock(nn.Module):
+  """diffusers ``TemporalBasicTransformerBlock`` / sgm ``VideoTransformerBlock`` on ``[(b h w), t, c]`` tokens.
+
+  norm_in + ff_in (GEGLU, residual), norm1 + temporal self-attention (attn1), optional norm2 + cross-attention
+  (attn2), norm3 + ff (GEGLU, residual). The inner width equals ``features`` (as in sgm / SVD).
+  """
+  features: int
+  num_heads: int
+  head_dim: int
+  cross_attention: bool = True
+  max_frame_distance: Optional[int] = None
+  eps: float = 1e-5
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, *, deterministic: bool = True) -> jax.Array:
+    """Args:
+      x: ``[n, t, c]`` with ``n = b * s`` b-major (s = h * w spatial positions per video).
+      context: ``[b, m, d]`` (one sequence per video, e.g. the first frame's text) or ``[n, m, d]``; used by attn2.
+        None makes attn2 a self-attention over frames (sgm behaviour without a time context).
+    Returns:
+      ``[n, t, c]``.
+    """
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    n, t, c = x.shape
+    if c != self.features:
+      raise ValueError(f"expected {self.features} channels, got {c}")
+    attn = lambda name: _Attention(self.num_heads, self.head_dim, self.features, name=name, **kw)  # noqa: E731
+    ln = lambda name: layers.layer_norm(name=name, epsilon=self.eps, **kw)  # noqa: E731
+
+    x = _GEGLUFeedForward(self.features, dropout=self.dropout, name="ff_in", **kw)(
+        ln("norm_in")(x), deterministic=deterministic) + x
+    x = attn("attn1")(ln("norm1")(x), mask=frame_window_mask(t, self.max_frame_distance)) + x
+    if self.cross_attention:
+      h = ln("norm2")(x)
+      if context is None:
+        h = attn("attn2")(h, mask=frame_window_mask(t, self.max_frame_distance))
+      else:
+        # Cross-attention has no query-query interaction, so queries of all (s, t) of one video can share one
+        # copy of that video's context: [b, s*t, c] x [b, m, d] instead of broadcasting the context s times.
+        groups = context.shape[0]
+        if n % groups:
+          raise ValueError(f"context batch {groups} does not divide token batch {n}")
+        h = attn("attn2")(h.reshape(groups, (n // groups) * t, c), context=context).reshape(n, t, c)
+      x = h + x
+    x = _GEGLUFeedForward(self.features, dropout=self.dropout, name="ff", **kw)(
+        ln("norm3")(x), deterministic=deterministic) + x
+    return x
+
+
+def frame_position_features(num_frames: int, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal (cos | sin) features of frame indices ``0..t-1``: ``[t, dim]`` fp32 (input of temporal_pos_embed)."""
+  return layers.sinusoidal_embedding(jnp.arange(num_frames), dim, flip_sin_to_cos=True, downscale_freq_shift=0.0,
+                                     max_period=max_period)

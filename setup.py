@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.8",
     "array-record>=0.7",
     "transformers>=4.45",  # CLIPTokenizer only (no torch needed at run time)
+    "ftfy",  # CLIP's text cleaning, for token ids identical to CLIP's
     "safetensors>=0.4",
     "ml_dtypes",
     "numpy",

@@ -8,6 +8,12 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import sys  # noqa: E402
+
+# The PyPI torchvision wheel does not match the CPU torch build (its C++ ops fail to register). Nothing here
+# needs it; marking it absent makes diffusers/transformers take their "torchvision not installed" paths.
+sys.modules.setdefault("torchvision", None)
+
 import jax  # noqa: E402  (after the environment is set)
 
 jax.config.update("jax_default_matmul_precision", "highest")  # parity tests compare fp32 against PyTorch

@@ -89,7 +89,7 @@ def vit_l14() -> CLIPTextConfig:
 
 
 def openclip_vit_h14() -> CLIPTextConfig:
-  """OpenCLIP ViT-H/14 text tower (SD 2.x), 354,030,592 params incl. the last block and ``text_projection``;
+  """OpenCLIP ViT-H/14 text tower (SD 2.x), 354,032,640 params incl. the last block and ``text_projection``;
   conditioning = penultimate block + ``final_layer_norm``."""
   return CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                         hidden_act="gelu", output_layer=-2, projection_dim=1024)

@@ -44,7 +44,7 @@ def canonical_prediction_type(name: str) -> str:
     data_fields=["betas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"],
     meta_fields=["prediction_type"],
 )
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # array fields: no elementwise __eq__ / __hash__
 class Schedule:
   """A discrete VP schedule. All arrays are float32 `[T]`; index them with integer timesteps.
 
@@ -140,7 +140,8 @@ def from_diffusers_scheduler_config(config: Mapping[str, Any]) -> Schedule:
   """
   name = config.get("beta_schedule", "linear")
   if name not in SCHEDULE_NAMES:
-    raise ValueError(f"scheduler config field beta_schedule={name!r} is not supported; expected one of {SCHEDULE_NAMES}")
+    raise ValueError(f"scheduler config field beta_schedule={name!r} is not supported; "
+                     f"expected one of {SCHEDULE_NAMES}")
   for field in _UNSUPPORTED_IF_TRUE:
     if config.get(field):
       raise ValueError(f"scheduler config field {field}={config[field]!r} is not supported")

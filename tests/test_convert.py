@@ -13,41 +13,16 @@ import torch
 from videoldm_jax import convert
 from videoldm_jax.conversion.core import ConversionError, flatten_paths
 
+from reference_models import write_tiny_pipeline
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tiny_unet():
-  from diffusers import UNet2DConditionModel
-  return UNet2DConditionModel(
-      sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-      cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
-
-
-def _tiny_vae():
-  from diffusers import AutoencoderKL
-  return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
-                       down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                       latent_channels=4, norm_num_groups=8, sample_size=16)
-
-
-def _tiny_clip():
-  from transformers import CLIPTextConfig, CLIPTextModel
-  return CLIPTextModel(CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                      num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu"))
 
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
   """A tiny random diffusers pipeline folder (unet/ vae/ text_encoder/ scheduler/), written offline."""
-  from diffusers import DDIMScheduler
-  torch.manual_seed(0)
   root = tmp_path_factory.mktemp("pipe")
-  _tiny_unet().save_pretrained(root / "unet")
-  _tiny_vae().save_pretrained(root / "vae")
-  _tiny_clip().save_pretrained(root / "text_encoder")
-  DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                prediction_type="v_prediction").save_pretrained(root / "scheduler")
+  write_tiny_pipeline(root, prediction_type="v_prediction")
   return root
 
 

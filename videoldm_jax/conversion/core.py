@@ -154,25 +154,17 @@ class RenamedSource(TensorSource):
   """A view with renamed keys, and optionally derived keys (e.g. slices of a fused qkv tensor).
 
   ``renames`` maps new key -> old key. ``derived`` maps new key -> (old key, fn(array) -> array, shape).
-  Every old key must be used by exactly the renames/derived given or passed through unchanged when
-  ``passthrough`` is True; unused old keys stay visible so strict conversion reports them.
+  Old keys used by neither keep their own names, so strict conversion reports them as unexpected.
   """
 
   def __init__(self, source: TensorSource, renames: Mapping[str, str],
-               derived: Optional[Mapping[str, Tuple[str, Callable[[np.ndarray], np.ndarray], Tuple[int, ...]]]] = None,
-               passthrough: bool = False):
+               derived: Optional[Mapping[str, Tuple[str, Callable[[np.ndarray], np.ndarray], Tuple[int, ...]]]] = None):
     self.source = source
     self.name = source.name
     self._renames = dict(renames)
     self._derived = dict(derived or {})
     used = set(self._renames.values()) | {old for old, _, _ in self._derived.values()}
-    self._keys = list(self._renames) + list(self._derived)
-    if passthrough:
-      self._keys += [k for k in source.keys() if k not in used and k not in self._renames]
-    else:
-      # Unconsumed originals keep their own names so they surface as "unexpected".
-      self._keys += [k for k in source.keys() if k not in used]
-    self._passthrough = True
+    self._keys = list(self._renames) + list(self._derived) + [k for k in source.keys() if k not in used]
 
   def keys(self):
     return list(self._keys)

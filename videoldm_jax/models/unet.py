@@ -1,0 +1,541 @@
+"""Stable Diffusion image U-Net (diffusers ``UNet2DConditionModel``) in Flax linen, channels-last.
+
+One module family covers SD 1.x, SD 2.x and the SD x4 upscaler; the differences are config options. The module
+tree mirrors diffusers exactly (``conv_in``, ``time_embedding/linear_1``, ``down_blocks_0/resnets_1/conv1``,
+``mid_block/attentions_0``, ``up_blocks_2/upsamplers_0/conv``, ``conv_out``, ...), so a diffusers state dict maps
+onto the params by name alone (see ``conversion/unet.py``).
+
+The Video LDM model adds temporal layers inside these same blocks (after every ``ResnetBlock2D`` and inside every
+``Transformer2DModel``); ``num_frames`` / ``image_only_indicator`` are therefore threaded through every block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from videoldm_jax.models import layers
+from videoldm_jax.models.attention import Transformer2DModel
+
+Dtype = Any
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+# Fields stored per resolution level; an int given for any of them is broadcast to every level.
+_PER_LEVEL_FIELDS = ("layers_per_block", "transformer_layers_per_block", "num_attention_heads",
+                     "only_cross_attention")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config.
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """Hyper-parameters of the image U-Net, named as in diffusers' ``UNet2DConditionModel`` config.
+
+  Per-level tuples index the resolution levels from high to low resolution (the down path); the up path uses
+  them reversed, as diffusers does. ``num_attention_heads`` is the real number of heads per level (diffusers'
+  historical ``attention_head_dim`` field holds the same numbers: SD 1.x 8 heads, SD 2.x (5, 10, 20, 20)).
+  The mid block uses the last level's heads and never only-cross attention (as ``UNetMidBlock2DCrossAttn``).
+  """
+  in_channels: int = 4
+  out_channels: int = 4
+  block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
+  down_block_types: Tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+  up_block_types: Tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+  # Per-level fields: an int / bool default is broadcast to a tuple over the levels in __post_init__.
+  layers_per_block: Tuple[int, ...] = 2
+  transformer_layers_per_block: Tuple[int, ...] = 1
+  num_attention_heads: Tuple[int, ...] = 8
+  cross_attention_dim: int = 768
+  use_linear_projection: bool = False
+  only_cross_attention: Tuple[bool, ...] = False  # attn1 attends to the context too (x4 upscaler)
+  # diffusers' fp16 safeguard; kept for config round-trips only: attention logits / softmax are always fp32 here.
+  upcast_attention: bool = False
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  flip_sin_to_cos: bool = True
+  freq_shift: float = 0.0
+  time_embedding_dim: Optional[int] = None  # default 4 * block_out_channels[0]
+  downsample_padding: int = 1
+  mid_block_scale_factor: float = 1.0
+  dropout: float = 0.0
+  num_class_embeds: Optional[int] = None  # class-label embedding table added to the time embedding
+  addition_embed_dim: Optional[int] = None  # width of the optional ``added_cond`` vector (``add_embedding``)
+  # Runtime options (no effect on parameters).
+  attention_implementation: Optional[str] = None  # jax.nn.dot_product_attention implementation
+  remat: bool = False  # rematerialise every ResnetBlock2D / Transformer2DModel in the backward pass
+
+  def __post_init__(self):
+    levels = len(self.block_out_channels)
+    for name in ("block_out_channels", "down_block_types", "up_block_types") + _PER_LEVEL_FIELDS:
+      value = getattr(self, name)
+      value = tuple(value) if isinstance(value, (list, tuple)) else (value,) * levels
+      object.__setattr__(self, name, value)
+      if len(value) != levels:
+        raise ValueError(f"UNetConfig.{name} has {len(value)} entries for {levels} levels: {value}")
+    object.__setattr__(self, "only_cross_attention", tuple(bool(v) for v in self.only_cross_attention))
+    for name in ("freq_shift", "norm_eps", "mid_block_scale_factor", "dropout"):  # JSON may give ints
+      object.__setattr__(self, name, float(getattr(self, name)))
+    for t in self.down_block_types:
+      if t not in DOWN_BLOCK_TYPES:
+        raise ValueError(f"UNetConfig.down_block_types: unsupported block type {t!r} (supported: {DOWN_BLOCK_TYPES})")
+    for t in self.up_block_types:
+      if t not in UP_BLOCK_TYPES:
+        raise ValueError(f"UNetConfig.up_block_types: unsupported block type {t!r} (supported: {UP_BLOCK_TYPES})")
+    for ch, heads in zip(self.block_out_channels, self.num_attention_heads):
+      if ch % heads:
+        raise ValueError(f"UNetConfig: {ch} channels not divisible by {heads} heads")
+      if ch % self.norm_num_groups:
+        raise ValueError(f"UNetConfig: {ch} channels not divisible by {self.norm_num_groups} norm groups")
+    if self.downsample_padding not in (0, 1):
+      raise ValueError(f"UNetConfig.downsample_padding must be 0 or 1, got {self.downsample_padding}")
+
+  @property
+  def num_levels(self) -> int:
+    return len(self.block_out_channels)
+
+  @property
+  def time_embed_dim(self) -> int:
+    return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+  @property
+  def head_dims(self) -> Tuple[int, ...]:
+    return tuple(c // h for c, h in zip(self.block_out_channels, self.num_attention_heads))
+
+  def to_dict(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Dict[str, Any]) -> "UNetConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"UNetConfig: unknown fields {unknown}")
+    return cls(**d)  # lists become tuples in __post_init__
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, s: str) -> "UNetConfig":
+    return cls.from_dict(json.loads(s))
+
+
+def sd15() -> UNetConfig:
+  """SD 1.x (1.1-1.5): 320 channels, mult (1, 2, 4, 4), 8 heads, CLIP ViT-L/14 context 768, 1x1-conv proj."""
+  return UNetConfig()
+
+
+def sd21() -> UNetConfig:
+  """SD 2.x (2.0 / 2.1, base and 768-v): 64-channel heads, OpenCLIP ViT-H context 1024, linear proj.
+
+  The prediction type (eps for 512-base, v for 768-v) is a property of the diffusion wrapper, not of the U-Net.
+  """
+  return UNetConfig(num_attention_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
+
+
+def sd_x4_upscaler() -> UNetConfig:
+  """stabilityai/stable-diffusion-x4-upscaler U-Net: 4 latent + 3 low-res RGB input channels, noise level as
+  a class label (1000 classes), no attention at the first level, attn1 cross-attends at the first three."""
+  return UNetConfig(
+      in_channels=7, block_out_channels=(256, 512, 512, 1024),
+      down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+      up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
+      num_attention_heads=8, cross_attention_dim=1024, use_linear_projection=True,
+      only_cross_attention=(True, True, True, False), num_class_embeds=1000)
+
+
+def tiny(**overrides) -> UNetConfig:
+  """SD 1.x-shaped test model (0.8M params): two levels, conv proj, context 32."""
+  base = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, num_attention_heads=4,
+              cross_attention_dim=32, norm_num_groups=8)
+  return UNetConfig(**{**base, **overrides})
+
+
+def tiny_sd2(**overrides) -> UNetConfig:
+  """SD 2.x-shaped test model: 16-channel heads (2, 4), linear proj, three levels, context 48."""
+  base = dict(block_out_channels=(32, 64, 64), down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+              up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2, layers_per_block=1,
+              num_attention_heads=(2, 4, 4), cross_attention_dim=48, use_linear_projection=True, norm_num_groups=8)
+  return UNetConfig(**{**base, **overrides})
+
+
+def tiny_x4_upscaler(**overrides) -> UNetConfig:
+  """x4-upscaler-shaped test model: 7 input channels, class labels, DownBlock2D first, only-cross attention."""
+  base = dict(in_channels=7, block_out_channels=(32, 64, 64, 128),
+              down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+              up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",), layers_per_block=1,
+              num_attention_heads=8, cross_attention_dim=128, use_linear_projection=True,
+              only_cross_attention=(True, True, True, False), num_class_embeds=1000, norm_num_groups=8)
+  return UNetConfig(**{**base, **overrides})
+
+
+# diffusers ``UNet2DConditionModel`` config entries that do not change the network we build.
+_DIFFUSERS_IGNORED = frozenset({
+    "_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "sample_size",
+    "addition_embed_type_num_heads",  # only read for addition_embed_type="text"
+    "mid_block_only_cross_attention",  # only read by UNetMidBlock2DSimpleCrossAttn
+})
+# Entries accepted only at these values (anything else is a network this implementation does not build).
+_DIFFUSERS_FIXED: Dict[str, Tuple[Any, ...]] = {
+    "center_input_sample": (False,), "act_fn": ("silu", "swish"), "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "dual_cross_attention": (False,), "reverse_transformer_layers_per_block": (None,), "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,), "class_embed_type": (None,), "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,), "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,), "time_embedding_type": ("positional",), "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,), "time_cond_proj_dim": (None,), "conv_in_kernel": (3,), "conv_out_kernel": (3,),
+    "projection_class_embeddings_input_dim": (None,), "attention_type": ("default",),
+    "class_embeddings_concat": (False,), "cross_attention_norm": (None,), "num_attention_heads": (None,),
+}
+# diffusers' own defaults for entries a config.json leaves out.
+_DIFFUSERS_DEFAULTS: Dict[str, Any] = dict(
+    in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, only_cross_attention=False,
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1.0,
+    dropout=0.0, norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1280, transformer_layers_per_block=1,
+    attention_head_dim=8, use_linear_projection=False, num_class_embeds=None, upcast_attention=False,
+    time_embedding_dim=None)
+
+
+def unet_config_from_diffusers(config: Dict[str, Any]) -> UNetConfig:
+  """Builds a :class:`UNetConfig` from a diffusers ``UNet2DConditionModel`` config dict (``unet/config.json``).
+
+  diffusers' ``attention_head_dim`` holds the number of heads (its historical naming); it becomes
+  ``num_attention_heads``. Raises ``ValueError`` naming every entry whose value this implementation does not build.
+  """
+  config = dict(config)
+  cls_name = config.get("_class_name", "UNet2DConditionModel")
+  if cls_name != "UNet2DConditionModel":
+    raise ValueError(f"unet config: _class_name={cls_name!r} is not supported (only UNet2DConditionModel)")
+  problems = []
+  unknown = sorted(set(config) - _DIFFUSERS_IGNORED - set(_DIFFUSERS_FIXED) - set(_DIFFUSERS_DEFAULTS))
+  if unknown:
+    problems.append(f"unknown entries {unknown}")
+  for key, allowed in _DIFFUSERS_FIXED.items():
+    if key in config and config[key] not in allowed:
+      problems.append(f"{key}={config[key]!r} (supported: {' or '.join(repr(a) for a in allowed)})")
+  d = {k: config.get(k, v) for k, v in _DIFFUSERS_DEFAULTS.items()}
+  if d["norm_num_groups"] is None:
+    problems.append("norm_num_groups=None (supported: an int)")
+  cross = d["cross_attention_dim"]
+  if isinstance(cross, (list, tuple)):
+    if len(set(cross)) != 1:
+      problems.append(f"cross_attention_dim={cross!r} (supported: one width for every level)")
+    cross = cross[0]
+  for key in ("transformer_layers_per_block", "attention_head_dim"):
+    value = d[key]
+    if isinstance(value, (list, tuple)) and any(not isinstance(v, int) for v in value):
+      problems.append(f"{key}={value!r} (supported: an int or one int per level)")
+  if problems:
+    raise ValueError("unet config: unsupported " + "; ".join(problems))
+  fields = dict(
+      in_channels=d["in_channels"], out_channels=d["out_channels"], block_out_channels=d["block_out_channels"],
+      down_block_types=d["down_block_types"], up_block_types=d["up_block_types"],
+      layers_per_block=d["layers_per_block"], transformer_layers_per_block=d["transformer_layers_per_block"],
+      num_attention_heads=d["attention_head_dim"], cross_attention_dim=cross,
+      use_linear_projection=d["use_linear_projection"], only_cross_attention=d["only_cross_attention"],
+      upcast_attention=d["upcast_attention"], norm_num_groups=d["norm_num_groups"], norm_eps=d["norm_eps"],
+      flip_sin_to_cos=d["flip_sin_to_cos"], freq_shift=d["freq_shift"], time_embedding_dim=d["time_embedding_dim"],
+      downsample_padding=d["downsample_padding"], mid_block_scale_factor=d["mid_block_scale_factor"],
+      dropout=d["dropout"], num_class_embeds=d["num_class_embeds"])
+  try:
+    return UNetConfig(**fields)
+  except ValueError as e:
+    raise ValueError(f"unet config: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks.
+
+def _constrain(x: jax.Array) -> jax.Array:
+  """Shards activations over the batch at block boundaries (no-op without a mesh / logical rules)."""
+  return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
+def nearest_resize(x: jax.Array, size: Tuple[int, int]) -> jax.Array:
+  """Nearest-neighbour resize of ``[b, h, w, c]`` to ``size``, index rule of PyTorch ``mode="nearest"``."""
+  h, w = x.shape[1:3]
+  if size == (2 * h, 2 * w):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  rows = np.floor(np.arange(size[0]) * (h / size[0])).astype(np.int32)
+  cols = np.floor(np.arange(size[1]) * (w / size[1])).astype(np.int32)
+  return x[:, rows][:, :, cols]
+
+
+class ResnetBlock2D(nn.Module):
+  """GN-SiLU-conv, + projected time embedding, GN-SiLU-dropout-conv, + (1x1-projected) input.
+
+  ``num_frames`` / ``image_only_indicator`` are accepted for the video variant and unused here.
+  """
+  out_channels: int
+  norm_num_groups: int = 32
+  eps: float = 1e-5
+  dropout: float = 0.0
+  output_scale_factor: float = 1.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: Optional[jax.Array], num_frames: Optional[int] = None,
+               image_only_indicator: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
+    """``x`` ``[b, h, w, c_in]``, ``temb`` ``[b, d]`` -> ``[b, h, w, out_channels]``."""
+    del num_frames, image_only_indicator
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = dict(num_groups=self.norm_num_groups, epsilon=self.eps, **kw)
+    h = nn.silu(layers.group_norm(name="norm1", **norm)(x))
+    h = layers.conv(self.out_channels, name="conv1", **kw)(h)
+    if temb is not None:
+      h = h + layers.dense(self.out_channels, name="time_emb_proj", **kw)(nn.silu(temb))[:, None, None, :]
+    h = nn.silu(layers.group_norm(name="norm2", **norm)(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = layers.conv(self.out_channels, name="conv2", **kw)(h)
+    if x.shape[-1] != self.out_channels:
+      x = layers.conv(self.out_channels, (1, 1), name="conv_shortcut", **kw)(x)
+    out = x + h
+    return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+  """Stride-2 3x3 conv (``downsamplers_0/conv``). ``padding`` 1: symmetric; 0: pad right/bottom by one."""
+  channels: int
+  padding: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pad = [(1, 1), (1, 1)] if self.padding == 1 else [(0, 1), (0, 1)]
+    return layers.conv(self.channels, strides=(2, 2), padding=pad, name="conv", dtype=self.dtype,
+                       param_dtype=self.param_dtype)(x)
+
+
+class Upsample2D(nn.Module):
+  """Nearest 2x (or to ``size``) then 3x3 conv (``upsamplers_0/conv``)."""
+  channels: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, size: Optional[Tuple[int, int]] = None) -> jax.Array:
+    x = nearest_resize(x, size or (2 * x.shape[1], 2 * x.shape[2]))
+    return layers.conv(self.channels, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+def _resnet_cls(config: UNetConfig):
+  # Positional call (x, temb, num_frames, image_only_indicator, deterministic); indices count ``self`` as 0.
+  return nn.remat(ResnetBlock2D, static_argnums=(3, 5)) if config.remat else ResnetBlock2D
+
+
+def _transformer_cls(config: UNetConfig):
+  # Positional call (x, context, num_frames, image_only_indicator).
+  return nn.remat(Transformer2DModel, static_argnums=(3,)) if config.remat else Transformer2DModel
+
+
+def _resnet(config: UNetConfig, out_channels: int, name: str, dtype, param_dtype, scale: float = 1.0):
+  return _resnet_cls(config)(out_channels, norm_num_groups=config.norm_num_groups, eps=config.norm_eps,
+                             dropout=config.dropout, output_scale_factor=scale, dtype=dtype,
+                             param_dtype=param_dtype, name=name)
+
+
+def _transformer(config: UNetConfig, channels: int, heads: int, depth: int, only_cross: bool, name: str,
+                 dtype, param_dtype):
+  return _transformer_cls(config)(
+      heads=heads, head_dim=channels // heads, num_layers=depth, cross_attention_dim=config.cross_attention_dim,
+      use_linear_projection=config.use_linear_projection, only_cross_attention=only_cross,
+      attention_implementation=config.attention_implementation,
+      norm_num_groups=config.norm_num_groups, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class UNetDownBlock(nn.Module):
+  """Down level ``level``: ``layers_per_block`` x (ResnetBlock2D [+ Transformer2DModel]) [+ Downsample2D].
+
+  ``CrossAttnDownBlock2D`` and ``DownBlock2D`` are this module with and without attention. Returns the output
+  and the skip activations (one per layer, plus the downsampled output).
+  """
+  config: UNetConfig
+  level: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, context=None, num_frames=None, image_only_indicator=None, deterministic=True):
+    cfg, i = self.config, self.level
+    channels = cfg.block_out_channels[i]
+    has_attention = cfg.down_block_types[i] == "CrossAttnDownBlock2D"
+    skips: List[jax.Array] = []
+    for j in range(cfg.layers_per_block[i]):
+      x = _resnet(cfg, channels, f"resnets_{j}", self.dtype, self.param_dtype)(
+          x, temb, num_frames, image_only_indicator, deterministic)
+      if has_attention:
+        x = _transformer(cfg, channels, cfg.num_attention_heads[i], cfg.transformer_layers_per_block[i],
+                         cfg.only_cross_attention[i], f"attentions_{j}", self.dtype, self.param_dtype)(
+                             x, context, num_frames, image_only_indicator)
+      skips.append(x)
+    if i < cfg.num_levels - 1:
+      x = Downsample2D(channels, cfg.downsample_padding, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="downsamplers_0")(x)
+      skips.append(x)
+    return _constrain(x), skips
+
+
+class UNetMidBlock(nn.Module):
+  """``UNetMidBlock2DCrossAttn``: resnets_0 -> attentions_0 -> resnets_1 at the lowest resolution."""
+  config: UNetConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, context=None, num_frames=None, image_only_indicator=None, deterministic=True):
+    cfg = self.config
+    channels = cfg.block_out_channels[-1]
+    scale = cfg.mid_block_scale_factor
+    x = _resnet(cfg, channels, "resnets_0", self.dtype, self.param_dtype, scale)(
+        x, temb, num_frames, image_only_indicator, deterministic)
+    x = _transformer(cfg, channels, cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1],
+                     False, "attentions_0", self.dtype, self.param_dtype)(
+                         x, context, num_frames, image_only_indicator)
+    x = _resnet(cfg, channels, "resnets_1", self.dtype, self.param_dtype, scale)(
+        x, temb, num_frames, image_only_indicator, deterministic)
+    return _constrain(x)
+
+
+class UNetUpBlock(nn.Module):
+  """Up block ``index`` (0 = lowest resolution): ``layers + 1`` x (concat skip, ResnetBlock2D
+  [+ Transformer2DModel]) [+ Upsample2D]. ``CrossAttnUpBlock2D`` / ``UpBlock2D`` with / without attention.
+
+  ``skips`` are consumed from the end; ``upsample_size`` is the spatial size of the next level's skips.
+  """
+  config: UNetConfig
+  index: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, skips: Sequence[jax.Array], temb, context=None, upsample_size=None, num_frames=None,
+               image_only_indicator=None, deterministic=True):
+    cfg, i = self.config, self.index
+    level = cfg.num_levels - 1 - i  # the matching down level
+    channels = cfg.block_out_channels[level]
+    has_attention = cfg.up_block_types[i] == "CrossAttnUpBlock2D"
+    skips = list(skips)
+    for j in range(cfg.layers_per_block[level] + 1):
+      x = jnp.concatenate([x, skips.pop()], axis=-1)
+      x = _resnet(cfg, channels, f"resnets_{j}", self.dtype, self.param_dtype)(
+          x, temb, num_frames, image_only_indicator, deterministic)
+      if has_attention:
+        x = _transformer(cfg, channels, cfg.num_attention_heads[level], cfg.transformer_layers_per_block[level],
+                         cfg.only_cross_attention[level], f"attentions_{j}", self.dtype, self.param_dtype)(
+                             x, context, num_frames, image_only_indicator)
+    if i < cfg.num_levels - 1:
+      x = Upsample2D(channels, dtype=self.dtype, param_dtype=self.param_dtype, name="upsamplers_0")(x, upsample_size)
+    return _constrain(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The U-Net.
+
+class UNet(nn.Module):
+  """Conditional image U-Net: ``[b, h, w, in_channels]`` -> ``[b, h, w, out_channels]`` (eps / v / x0)."""
+  config: UNetConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: Optional[jax.Array] = None,
+               *, class_labels: Optional[jax.Array] = None, added_cond: Optional[jax.Array] = None,
+               num_frames: Optional[int] = None, image_only_indicator: Optional[jax.Array] = None,
+               deterministic: bool = True) -> jax.Array:
+    """Denoiser forward pass.
+
+    Args:
+      sample: ``[b, h, w, in_channels]`` noisy latents (any h, w; non-multiples of 2**levels are handled
+        like diffusers, by upsampling to the skip sizes).
+      timesteps: ``[b]``, ``[1]`` or scalar diffusion timesteps (may be fractional).
+      encoder_hidden_states: ``[b, n, cross_attention_dim]`` text tokens.
+      class_labels: ``[b]`` int labels when ``config.num_class_embeds`` (x4 upscaler: noise level).
+      added_cond: ``[b, addition_embed_dim]`` extra vector added (after ``add_embedding``) to the time
+        embedding; only with ``config.addition_embed_dim``.
+      num_frames, image_only_indicator: video layout, passed to every block (unused by the image model).
+      deterministic: disables dropout.
+    Returns:
+      ``[b, h, w, out_channels]`` in ``dtype``.
+    """
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b = sample.shape[0]
+    sample = sample.astype(self.dtype)
+    if encoder_hidden_states is not None:
+      encoder_hidden_states = encoder_hidden_states.astype(self.dtype)
+
+    # Time (+ class / added) embedding.
+    t = jnp.asarray(timesteps, jnp.float32).reshape(-1)
+    t = jnp.broadcast_to(t, (b,)) if t.shape[0] == 1 else t
+    t_emb = layers.sinusoidal_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                        downscale_freq_shift=cfg.freq_shift).astype(self.dtype)
+    emb = layers.TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(t_emb)
+    if cfg.num_class_embeds is not None:
+      if class_labels is None:
+        raise ValueError("this U-Net has a class embedding (num_class_embeds): pass class_labels")
+      table = nn.Embed(cfg.num_class_embeds, cfg.time_embed_dim, name="class_embedding",
+                       embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+                       **kw)
+      emb = emb + table(jnp.asarray(class_labels, jnp.int32).reshape(-1))
+    elif class_labels is not None:
+      raise ValueError("class_labels given, but the config has no num_class_embeds")
+    if cfg.addition_embed_dim is not None:
+      if added_cond is None:
+        raise ValueError("this U-Net has an add_embedding (addition_embed_dim): pass added_cond")
+      emb = emb + layers.TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(
+          added_cond.astype(self.dtype))
+    elif added_cond is not None:
+      raise ValueError("added_cond given, but the config has no addition_embed_dim")
+
+    block_kw = dict(num_frames=num_frames, image_only_indicator=image_only_indicator, deterministic=deterministic)
+    x = _constrain(layers.conv(cfg.block_out_channels[0], name="conv_in", **kw)(sample))
+    skips = [x]
+    for i in range(cfg.num_levels):
+      x, res = UNetDownBlock(cfg, i, name=f"down_blocks_{i}", **kw)(x, emb, encoder_hidden_states, **block_kw)
+      skips.extend(res)
+    x = UNetMidBlock(cfg, name="mid_block", **kw)(x, emb, encoder_hidden_states, **block_kw)
+    for i in range(cfg.num_levels):
+      n = cfg.layers_per_block[cfg.num_levels - 1 - i] + 1
+      res, skips = skips[-n:], skips[:-n]
+      size = tuple(skips[-1].shape[1:3]) if skips else None
+      x = UNetUpBlock(cfg, i, name=f"up_blocks_{i}", **kw)(x, res, emb, encoder_hidden_states, size, **block_kw)
+
+    x = nn.silu(layers.group_norm(num_groups=cfg.norm_num_groups, epsilon=cfg.norm_eps, name="conv_norm_out",
+                                  **kw)(x))
+    return layers.conv(cfg.out_channels, name="conv_out", **kw)(x)
+
+
+def dummy_inputs(config: UNetConfig, batch: int = 1, size: int = 8, tokens: int = 2) -> Dict[str, Any]:
+  """Minimal inputs (as ``UNet.__call__`` kwargs) for ``init`` / ``eval_shape``; params do not depend on them."""
+  inputs: Dict[str, Any] = dict(
+      sample=jnp.zeros((batch, size, size, config.in_channels), jnp.float32),
+      timesteps=jnp.zeros((batch,), jnp.float32),
+      encoder_hidden_states=jnp.zeros((batch, tokens, config.cross_attention_dim), jnp.float32))
+  if config.num_class_embeds is not None:
+    inputs["class_labels"] = jnp.zeros((batch,), jnp.int32)
+  if config.addition_embed_dim is not None:
+    inputs["added_cond"] = jnp.zeros((batch, config.addition_embed_dim), jnp.float32)
+  return inputs
+
+
+def abstract_params(config: UNetConfig, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+  """Param tree of shapes (logical ``Partitioned`` boxes kept), without allocating anything."""
+  model = UNet(config, dtype=dtype, param_dtype=param_dtype)
+  return jax.eval_shape(lambda rng: model.init(rng, **dummy_inputs(config)), jax.random.PRNGKey(0))["params"]
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(getattr(x, "value", x).shape) for x in jax.tree_util.tree_leaves(
+      tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))))

@@ -2,82 +2,28 @@
 
 Module and parameter names mirror diffusers (``attn1/to_q``, ``to_out_0``, ``ff/net_0/proj``, ``ff/net_2``,
 ``transformer_blocks_0``, ...) so diffusers state dicts map onto them mechanically. Tokens are ``[b, n, c]``,
-images ``[b, h, w, c]``.
+images ``[b, h, w, c]``. ``Attention`` / ``GEGLU`` / ``FeedForward`` live in ``layers`` (shared with the temporal
+transformer) and are re-exported here.
+
+With a :class:`~videoldm_jax.models.temporal.TemporalConfig`, ``Transformer2DModel`` is the video transformer of
+sgm's ``SpatialVideoTransformer`` / diffusers' ``TransformerSpatioTemporalModel``: after each spatial block a
+temporal block mixes the frames, blended by ``temporal_mixer``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from videoldm_jax.models import layers
+from videoldm_jax.models import temporal as temporal_lib
+from videoldm_jax.models.layers import GEGLU, Attention, FeedForward  # noqa: F401  (re-exported)
 
 Dtype = Any
-
-
-class Attention(nn.Module):
-  """Multi-head attention with separate q/k/v projections (diffusers ``Attention``).
-
-  Self-attention when ``context`` is None, else cross-attention to ``context`` (any width: to_k/to_v
-  adapt to it). q/k/v carry no bias, the output projection does (SD convention).
-
-  Attributes:
-    heads: number of heads.
-    head_dim: channels per head (inner width = heads * head_dim).
-    out_features: output width; defaults to the query width.
-    implementation: forwarded to ``jax.nn.dot_product_attention`` (None = XLA, "cudnn" = fused GPU kernel).
-  """
-  heads: int
-  head_dim: int
-  out_features: Optional[int] = None
-  implementation: Optional[str] = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, *,
-               mask: Optional[jax.Array] = None) -> jax.Array:
-    """``x`` ``[b, n, c]``, ``context`` ``[b, m, d]`` or None, ``mask`` bool broadcastable to ``[b, heads, n, m]``."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    inner = self.heads * self.head_dim
-    context = x if context is None else context
-    q = layers.dense(inner, use_bias=False, axes=("embed", "heads"), name="to_q", **kw)(x)
-    k = layers.dense(inner, use_bias=False, axes=("embed", "heads"), name="to_k", **kw)(context)
-    v = layers.dense(inner, use_bias=False, axes=("embed", "heads"), name="to_v", **kw)(context)
-    # Logits and softmax are float32 for any input dtype (what diffusers' ``upcast_attention`` buys in fp16).
-    out = layers.dot_product_attention(q, k, v, num_heads=self.heads, mask=mask, implementation=self.implementation)
-    return layers.dense(self.out_features or x.shape[-1], axes=("heads", "embed"), name="to_out_0", **kw)(out)
-
-
-class GEGLU(nn.Module):
-  """``proj`` to twice the width, then ``value * gelu(gate)`` (exact erf GELU, as PyTorch's default)."""
-  features: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = layers.dense(2 * self.features, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-    value, gate = jnp.split(h, 2, axis=-1)
-    return value * nn.gelu(gate, approximate=False)
-
-
-class FeedForward(nn.Module):
-  """diffusers ``FeedForward`` with GEGLU: ``net_0`` (GEGLU, width ``mult * c``) -> ``net_2`` (Linear)."""
-  mult: int = 4
-  out_features: Optional[int] = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = GEGLU(self.mult * x.shape[-1], name="net_0", **kw)(x)
-    # net.1 is a Dropout (p=0 in every SD checkpoint) and holds no parameters.
-    return layers.dense(self.out_features or x.shape[-1], axes=("mlp", "embed"), name="net_2", **kw)(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -120,8 +66,10 @@ class Transformer2DModel(nn.Module):
   GroupNorm -> ``proj_in`` (1x1 conv for SD 1.x, Linear for SD 2.x) -> ``num_layers`` transformer blocks on the
   ``h * w`` tokens -> ``proj_out`` -> residual. Width is ``heads * head_dim`` throughout (= input channels).
 
-  ``num_frames`` / ``image_only_indicator`` are accepted for the video model, whose temporal transformer blocks
-  run after each spatial block; the image model ignores them.
+  ``temporal`` (None = image model) adds, inside this module: ``temporal_pos_embed`` (frame-index MLP),
+  ``temporal_transformer_blocks_{i}`` after each spatial block and one ``temporal_mixer`` shared by the depths.
+  The spatial params are unchanged. The image model ignores ``num_frames`` / ``image_only_indicator`` /
+  ``temporal_context``.
   """
   heads: int
   head_dim: int
@@ -131,14 +79,19 @@ class Transformer2DModel(nn.Module):
   only_cross_attention: bool = False
   attention_implementation: Optional[str] = None
   norm_num_groups: int = 32
+  temporal: Optional[temporal_lib.TemporalConfig] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, num_frames: Optional[int] = None,
-               image_only_indicator: Optional[jax.Array] = None) -> jax.Array:
-    """``x`` ``[b, h, w, c]``, ``context`` ``[b, m, d]`` -> ``[b, h, w, c]``."""
-    del num_frames, image_only_indicator  # used by the video variant only
+               image_only_indicator: Optional[jax.Array] = None,
+               temporal_context: Optional[jax.Array] = None) -> jax.Array:
+    """``x`` ``[b, h, w, c]``, ``context`` ``[b, m, d]`` -> ``[b, h, w, c]``.
+
+    Video model: ``b = videos * num_frames`` frame-major, ``image_only_indicator`` ``[videos, num_frames]``,
+    ``temporal_context`` ``[videos, m', d']`` (only read when ``temporal.use_spatial_context`` is False).
+    """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, height, width, channels = x.shape
     inner = self.heads * self.head_dim
@@ -150,11 +103,30 @@ class Transformer2DModel(nn.Module):
     else:
       h = layers.conv(inner, (1, 1), name="proj_in", **kw)(h)
       h = h.reshape(b, height * width, inner)
+    tc = self.temporal
+    if tc is not None:
+      if num_frames is None:
+        raise ValueError("the video transformer needs num_frames")
+      # Frame-index embedding (sinusoidal -> MLP), added to the temporal branch's input only.
+      frame_emb = layers.TimestepEmbedding(4 * channels, channels, name="temporal_pos_embed", **kw)(
+          temporal_lib.frame_position_features(num_frames, channels).astype(self.dtype))
+      mixer = temporal_lib.AlphaBlender(tc.merge_strategy, tc.merge_factor, name="temporal_mixer",
+                                        param_dtype=self.param_dtype)
+      time_context = temporal_lib.select_temporal_context(tc, context, temporal_context, num_frames)
     for i in range(self.num_layers):
       h = BasicTransformerBlock(
           heads=self.heads, head_dim=self.head_dim, cross_attention_dim=self.cross_attention_dim,
           only_cross_attention=self.only_cross_attention, attention_implementation=self.attention_implementation,
           name=f"transformer_blocks_{i}", **kw)(h, context)
+      if tc is not None:
+        mixed = einops.rearrange(h, "(b t) s c -> b t s c", t=num_frames) + frame_emb[None, :, None, :]
+        mixed = temporal_lib.TemporalTransformerBlock(
+            inner, self.heads, self.head_dim, cross_attention=tc.cross_attention,
+            max_frame_distance=tc.max_frame_distance, attention_implementation=self.attention_implementation,
+            name=f"temporal_transformer_blocks_{i}", **kw)(
+                einops.rearrange(mixed, "b t s c -> (b s) t c"), time_context)
+        mixed = einops.rearrange(mixed, "(b s) t c -> (b t) s c", s=height * width)
+        h = mixer(h, mixed, image_only_indicator)
     if self.use_linear_projection:
       h = layers.dense(channels, axes=("mlp", "embed"), name="proj_out", **kw)(h)
       h = h.reshape(b, height, width, channels)

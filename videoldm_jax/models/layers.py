@@ -127,3 +127,67 @@ def dot_product_attention(q, k, v, *, num_heads: int, mask: Optional[jax.Array] 
   v = v.reshape(b, nk, num_heads, v.shape[-1] // num_heads)
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
   return out.reshape(b, nq, -1)
+
+
+# Attention building blocks shared by the spatial (attention.py) and temporal (temporal.py) transformers.
+
+class Attention(nn.Module):
+  """Multi-head attention with separate q/k/v projections (diffusers ``Attention``).
+
+  Self-attention when ``context`` is None, else cross-attention to ``context`` (any width: to_k/to_v
+  adapt to it). q/k/v carry no bias, the output projection does (SD convention).
+
+  Attributes:
+    heads: number of heads.
+    head_dim: channels per head (inner width = heads * head_dim).
+    out_features: output width; defaults to the query width.
+    implementation: forwarded to ``jax.nn.dot_product_attention`` (None = XLA, "cudnn" = fused GPU kernel).
+  """
+  heads: int
+  head_dim: int
+  out_features: Optional[int] = None
+  implementation: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, *,
+               mask: Optional[jax.Array] = None) -> jax.Array:
+    """``x`` ``[b, n, c]``, ``context`` ``[b, m, d]`` or None, ``mask`` bool broadcastable to ``[b, heads, n, m]``."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    inner = self.heads * self.head_dim
+    context = x if context is None else context
+    q = dense(inner, use_bias=False, axes=("embed", "heads"), name="to_q", **kw)(x)
+    k = dense(inner, use_bias=False, axes=("embed", "heads"), name="to_k", **kw)(context)
+    v = dense(inner, use_bias=False, axes=("embed", "heads"), name="to_v", **kw)(context)
+    # Logits and softmax are float32 for any input dtype (what diffusers' ``upcast_attention`` buys in fp16).
+    out = dot_product_attention(q, k, v, num_heads=self.heads, mask=mask, implementation=self.implementation)
+    return dense(self.out_features or x.shape[-1], axes=("heads", "embed"), name="to_out_0", **kw)(out)
+
+
+class GEGLU(nn.Module):
+  """``proj`` to twice the width, then ``value * gelu(gate)`` (exact erf GELU, as PyTorch's default)."""
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = dense(2 * self.features, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    value, gate = jnp.split(h, 2, axis=-1)
+    return value * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+  """diffusers ``FeedForward`` with GEGLU: ``net_0`` (GEGLU, width ``mult * c``) -> ``net_2`` (Linear)."""
+  mult: int = 4
+  out_features: Optional[int] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = GEGLU(self.mult * x.shape[-1], name="net_0", **kw)(x)
+    # net.1 is a Dropout (p=0 in every SD checkpoint) and holds no parameters.
+    return dense(self.out_features or x.shape[-1], axes=("mlp", "embed"), name="net_2", **kw)(h)

@@ -41,10 +41,12 @@ class TemporalConfig:
     merge_factor: initial ``mix_factor`` (a logit for the learned strategies; sgm / SVD use 0.5).
     max_frame_distance: temporal attention window; frame i attends to j only if |i - j| <= this (None = all).
     cross_attention: whether the temporal transformer blocks cross-attend to a conditioning sequence (text for
-      T2V, the CLIP image embedding for SVD); False = no ``attn2``.
+      T2V, the CLIP image embedding for SVD); False = no ``norm2`` / ``attn2``.
     use_spatial_context: the temporal cross-attention context is the first frame's spatial context (sgm /
-      SVD); otherwise the U-Net's ``temporal_context`` argument.
-    context_dim: feature size of the temporal context (None = the spatial cross-attention dim).
+      SVD); otherwise the U-Net's ``temporal_context`` argument (e.g. a second text encoder's tokens). Its width
+      sets the ``attn2`` key / value input width.
+    context_dim: width of that ``temporal_context`` (None = the spatial cross-attention width); read only to
+      build example inputs (``unet.dummy_inputs``).
     kernel_size: temporal ResBlock conv kernel ``(t, h, w)``.
     zero_init: zero-initialise the last conv of each temporal ResBlock (sgm); diffusers does not.
     dropout: dropout rate inside temporal ResBlocks.
@@ -154,55 +156,6 @@ class TemporalResBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Temporal transformer block.
 
-class _Attention(nn.Module):
-  """diffusers ``Attention`` (to_q / to_k / to_v without bias, to_out_0 with bias) on ``[n, l, c]`` tokens."""
-  num_heads: int
-  head_dim: int
-  out_features: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, mask: Optional[jax.Array] = None):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    inner = self.num_heads * self.head_dim
-    context = x if context is None else context
-    q = layers.dense(inner, name="to_q", axes=("embed", "heads"), use_bias=False, **kw)(x)
-    k = layers.dense(inner, name="to_k", axes=("embed", "heads"), use_bias=False, **kw)(context)
-    v = layers.dense(inner, name="to_v", axes=("embed", "heads"), use_bias=False, **kw)(context)
-    out = layers.dot_product_attention(q, k, v, num_heads=self.num_heads, mask=mask)
-    return layers.dense(self.out_features, name="to_out_0", axes=("heads", "embed"), **kw)(out)
-
-
-class _GEGLU(nn.Module):
-  """diffusers ``GEGLU``: ``proj`` to ``2 * features``, then ``h * gelu(gate)`` (exact erf GELU, as torch)."""
-  features: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = layers.dense(2 * self.features, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-    h, gate = jnp.split(h, 2, axis=-1)
-    return h * nn.gelu(gate, approximate=False)
-
-
-class _GEGLUFeedForward(nn.Module):
-  """diffusers ``FeedForward(activation_fn="geglu")``: net_0 (GEGLU to ``mult * c``) -> dropout -> net_2."""
-  out_features: int
-  mult: int = 4
-  dropout: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = _GEGLU(x.shape[-1] * self.mult, name="net_0", **kw)(x)
-    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    return layers.dense(self.out_features, name="net_2", axes=("mlp", "embed"), **kw)(h)
-
-
 def frame_window_mask(num_frames: int, max_frame_distance: Optional[int]) -> Optional[jax.Array]:
   """Boolean ``[1, 1, t, t]`` mask, True where ``|i - j| <= max_frame_distance`` (None when unrestricted)."""
   if max_frame_distance is None or max_frame_distance >= num_frames - 1:
@@ -214,8 +167,9 @@ def frame_window_mask(num_frames: int, max_frame_distance: Optional[int]) -> Opt
 class TemporalTransformerBlock(nn.Module):
   """diffusers ``TemporalBasicTransformerBlock`` / sgm ``VideoTransformerBlock`` on ``[(b h w), t, c]`` tokens.
 
-  norm_in + ff_in (GEGLU, residual), norm1 + temporal self-attention (attn1), optional norm2 + cross-attention
-  (attn2), norm3 + ff (GEGLU, residual). The inner width equals ``features`` (as in sgm / SVD).
+  norm_in + ff_in (GEGLU, residual), norm1 + temporal self-attention (attn1, optionally windowed), optional
+  norm2 + cross-attention (attn2), norm3 + ff (GEGLU, residual). The inner width equals ``features`` (as in sgm /
+  SVD, where ``time_mix_inner_dim`` is the block width).
   """
   features: int
   num_heads: int
@@ -223,16 +177,16 @@ class TemporalTransformerBlock(nn.Module):
   cross_attention: bool = True
   max_frame_distance: Optional[int] = None
   eps: float = 1e-5
-  dropout: float = 0.0
+  attention_implementation: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None, *, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
     """Args:
       x: ``[n, t, c]`` with ``n = b * s`` b-major (s = h * w spatial positions per video).
       context: ``[b, m, d]`` (one sequence per video, e.g. the first frame's text) or ``[n, m, d]``; used by attn2.
-        None makes attn2 a self-attention over frames (sgm behaviour without a time context).
+        None makes attn2 a (windowed) self-attention over frames, as sgm does without a time context.
     Returns:
       ``[n, t, c]``.
     """
@@ -240,27 +194,44 @@ class TemporalTransformerBlock(nn.Module):
     n, t, c = x.shape
     if c != self.features:
       raise ValueError(f"expected {self.features} channels, got {c}")
-    attn = lambda name: _Attention(self.num_heads, self.head_dim, self.features, name=name, **kw)  # noqa: E731
-    ln = lambda name: layers.layer_norm(name=name, epsilon=self.eps, **kw)  # noqa: E731
+    mask = frame_window_mask(t, self.max_frame_distance)
 
-    x = _GEGLUFeedForward(self.features, dropout=self.dropout, name="ff_in", **kw)(
-        ln("norm_in")(x), deterministic=deterministic) + x
-    x = attn("attn1")(ln("norm1")(x), mask=frame_window_mask(t, self.max_frame_distance)) + x
+    def attention(name):
+      return layers.Attention(self.num_heads, self.head_dim, implementation=self.attention_implementation,
+                              name=name, **kw)
+
+    def norm(name):
+      return layers.layer_norm(name=name, epsilon=self.eps, **kw)
+
+    x = layers.FeedForward(name="ff_in", **kw)(norm("norm_in")(x)) + x
+    x = attention("attn1")(norm("norm1")(x), mask=mask) + x
     if self.cross_attention:
-      h = ln("norm2")(x)
+      h = norm("norm2")(x)
       if context is None:
-        h = attn("attn2")(h, mask=frame_window_mask(t, self.max_frame_distance))
+        h = attention("attn2")(h, mask=mask)
       else:
-        # Cross-attention has no query-query interaction, so queries of all (s, t) of one video can share one
+        # Cross-attention has no query-query interaction, so the queries of all (s, t) of one video can share one
         # copy of that video's context: [b, s*t, c] x [b, m, d] instead of broadcasting the context s times.
         groups = context.shape[0]
         if n % groups:
           raise ValueError(f"context batch {groups} does not divide token batch {n}")
-        h = attn("attn2")(h.reshape(groups, (n // groups) * t, c), context=context).reshape(n, t, c)
+        h = attention("attn2")(h.reshape(groups, (n // groups) * t, c), context.astype(h.dtype)).reshape(n, t, c)
       x = h + x
-    x = _GEGLUFeedForward(self.features, dropout=self.dropout, name="ff", **kw)(
-        ln("norm3")(x), deterministic=deterministic) + x
-    return x
+    return layers.FeedForward(name="ff", **kw)(norm("norm3")(x)) + x
+
+
+def select_temporal_context(config: TemporalConfig, context: Optional[jax.Array],
+                            temporal_context: Optional[jax.Array], num_frames: int) -> Optional[jax.Array]:
+  """The temporal cross-attention context ``[b, m, d]`` (None: no cross-attention / self-attention in time).
+
+  ``context`` is the spatial context ``[(b t), m, d]`` (frame-major); with ``use_spatial_context`` its first frame
+  per video is used (sgm ``SpatialVideoTransformer``), otherwise ``temporal_context`` ``[b, m', d']``.
+  """
+  if not config.cross_attention:
+    return None
+  if config.use_spatial_context:
+    return None if context is None else context[::num_frames]
+  return temporal_context
 
 
 def frame_position_features(num_frames: int, dim: int, max_period: float = 10000.0) -> jax.Array:

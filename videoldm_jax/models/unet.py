@@ -5,8 +5,12 @@ tree mirrors diffusers exactly (``conv_in``, ``time_embedding/linear_1``, ``down
 ``mid_block/attentions_0``, ``up_blocks_2/upsamplers_0/conv``, ``conv_out``, ...), so a diffusers state dict maps
 onto the params by name alone (see ``conversion/unet.py``).
 
-The Video LDM model adds temporal layers inside these same blocks (after every ``ResnetBlock2D`` and inside every
-``Transformer2DModel``); ``num_frames`` / ``image_only_indicator`` are therefore threaded through every block.
+The Video LDM model is this same module with ``UNetConfig.temporal`` set (sgm ``VideoUNet`` / diffusers
+``UNetSpatioTemporalConditionModel``): every ``ResnetBlock2D`` is followed by a ``temporal_res`` 3D-conv block and
+a ``temporal_mixer``, every ``Transformer2DModel`` runs a temporal transformer block after each spatial one. The
+spatial param tree is unchanged (image weights load as they are) and every temporal param has ``temporal`` in its
+path. Frames are folded into the batch ``[(b t), h, w, c]`` (or given as ``[b, t, h, w, c]``) with ``num_frames``
+static; ``image_only_indicator`` ``[b, t]`` makes flagged frames bypass the temporal layers (alpha = 1).
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import dataclasses
 import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from videoldm_jax.models import layers
+from videoldm_jax.models import temporal as temporal_lib
 from videoldm_jax.models.attention import Transformer2DModel
 
 Dtype = Any
@@ -68,6 +74,10 @@ class UNetConfig:
   dropout: float = 0.0
   num_class_embeds: Optional[int] = None  # class-label embedding table added to the time embedding
   addition_embed_dim: Optional[int] = None  # width of the optional ``added_cond`` vector (``add_embedding``)
+  # If set, ``added_cond`` holds raw scalars (SVD: fps id, motion bucket, noise-augmentation level), each embedded
+  # sinusoidally to this width (``add_time_proj``) and concatenated: addition_embed_dim = n_scalars * this.
+  addition_time_embed_dim: Optional[int] = None
+  temporal: Optional[temporal_lib.TemporalConfig] = None  # None: image model; else the video U-Net
   # Runtime options (no effect on parameters).
   attention_implementation: Optional[str] = None  # jax.nn.dot_product_attention implementation
   remat: bool = False  # rematerialise every ResnetBlock2D / Transformer2DModel in the backward pass
@@ -96,6 +106,12 @@ class UNetConfig:
         raise ValueError(f"UNetConfig: {ch} channels not divisible by {self.norm_num_groups} norm groups")
     if self.downsample_padding not in (0, 1):
       raise ValueError(f"UNetConfig.downsample_padding must be 0 or 1, got {self.downsample_padding}")
+    if isinstance(self.temporal, dict):  # from JSON
+      object.__setattr__(self, "temporal", temporal_lib.TemporalConfig(**self.temporal))
+    if self.addition_time_embed_dim is not None and (
+        self.addition_embed_dim is None or self.addition_embed_dim % self.addition_time_embed_dim):
+      raise ValueError(f"UNetConfig.addition_embed_dim={self.addition_embed_dim} must be a multiple of "
+                       f"addition_time_embed_dim={self.addition_time_embed_dim}")
 
   @property
   def num_levels(self) -> int:
@@ -274,21 +290,23 @@ def nearest_resize(x: jax.Array, size: Tuple[int, int]) -> jax.Array:
 class ResnetBlock2D(nn.Module):
   """GN-SiLU-conv, + projected time embedding, GN-SiLU-dropout-conv, + (1x1-projected) input.
 
-  ``num_frames`` / ``image_only_indicator`` are accepted for the video variant and unused here.
+  With ``temporal`` (sgm ``VideoResBlock`` / diffusers ``SpatioTemporalResBlock``) the output then goes through
+  ``temporal_res`` (3D-conv ResBlock over ``[b, t, h, w, c]``) blended by ``temporal_mixer``; the image model
+  ignores ``num_frames`` / ``image_only_indicator``.
   """
   out_channels: int
   norm_num_groups: int = 32
   eps: float = 1e-5
   dropout: float = 0.0
   output_scale_factor: float = 1.0
+  temporal: Optional[temporal_lib.TemporalConfig] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: Optional[jax.Array], num_frames: Optional[int] = None,
                image_only_indicator: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
-    """``x`` ``[b, h, w, c_in]``, ``temb`` ``[b, d]`` -> ``[b, h, w, out_channels]``."""
-    del num_frames, image_only_indicator
+    """``x`` ``[b, h, w, c_in]``, ``temb`` ``[b, d]`` -> ``[b, h, w, out_channels]`` (video: b = videos * frames)."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = dict(num_groups=self.norm_num_groups, epsilon=self.eps, **kw)
     h = nn.silu(layers.group_norm(name="norm1", **norm)(x))
@@ -301,7 +319,20 @@ class ResnetBlock2D(nn.Module):
     if x.shape[-1] != self.out_channels:
       x = layers.conv(self.out_channels, (1, 1), name="conv_shortcut", **kw)(x)
     out = x + h
-    return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+    out = out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+    tc = self.temporal
+    if tc is not None:
+      if num_frames is None:
+        raise ValueError("the video ResnetBlock2D needs num_frames")
+      video = einops.rearrange(out, "(b t) h w c -> b t h w c", t=num_frames)
+      frame_temb = None if temb is None else einops.rearrange(temb, "(b t) e -> b t e", t=num_frames)
+      mixed = temporal_lib.TemporalResBlock(
+          self.out_channels, tc.kernel_size, eps=self.eps, num_groups=self.norm_num_groups, dropout=tc.dropout,
+          zero_init=tc.zero_init, name="temporal_res", **kw)(video, frame_temb, deterministic=deterministic)
+      video = temporal_lib.AlphaBlender(tc.merge_strategy, tc.merge_factor, name="temporal_mixer",
+                                        param_dtype=self.param_dtype)(video, mixed, image_only_indicator)
+      out = einops.rearrange(video, "b t h w c -> (b t) h w c")
+    return out
 
 
 class Downsample2D(nn.Module):
@@ -336,14 +367,14 @@ def _resnet_cls(config: UNetConfig):
 
 
 def _transformer_cls(config: UNetConfig):
-  # Positional call (x, context, num_frames, image_only_indicator).
+  # Positional call (x, context, num_frames, image_only_indicator, temporal_context).
   return nn.remat(Transformer2DModel, static_argnums=(3,)) if config.remat else Transformer2DModel
 
 
 def _resnet(config: UNetConfig, out_channels: int, name: str, dtype, param_dtype, scale: float = 1.0):
   return _resnet_cls(config)(out_channels, norm_num_groups=config.norm_num_groups, eps=config.norm_eps,
-                             dropout=config.dropout, output_scale_factor=scale, dtype=dtype,
-                             param_dtype=param_dtype, name=name)
+                             dropout=config.dropout, output_scale_factor=scale, temporal=config.temporal,
+                             dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def _transformer(config: UNetConfig, channels: int, heads: int, depth: int, only_cross: bool, name: str,
@@ -351,8 +382,8 @@ def _transformer(config: UNetConfig, channels: int, heads: int, depth: int, only
   return _transformer_cls(config)(
       heads=heads, head_dim=channels // heads, num_layers=depth, cross_attention_dim=config.cross_attention_dim,
       use_linear_projection=config.use_linear_projection, only_cross_attention=only_cross,
-      attention_implementation=config.attention_implementation,
-      norm_num_groups=config.norm_num_groups, dtype=dtype, param_dtype=param_dtype, name=name)
+      attention_implementation=config.attention_implementation, norm_num_groups=config.norm_num_groups,
+      temporal=config.temporal, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class UNetDownBlock(nn.Module):
@@ -367,7 +398,8 @@ class UNetDownBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, temb, context=None, num_frames=None, image_only_indicator=None, deterministic=True):
+  def __call__(self, x, temb, context=None, num_frames=None, image_only_indicator=None, deterministic=True,
+               temporal_context=None):
     cfg, i = self.config, self.level
     channels = cfg.block_out_channels[i]
     has_attention = cfg.down_block_types[i] == "CrossAttnDownBlock2D"
@@ -378,7 +410,7 @@ class UNetDownBlock(nn.Module):
       if has_attention:
         x = _transformer(cfg, channels, cfg.num_attention_heads[i], cfg.transformer_layers_per_block[i],
                          cfg.only_cross_attention[i], f"attentions_{j}", self.dtype, self.param_dtype)(
-                             x, context, num_frames, image_only_indicator)
+                             x, context, num_frames, image_only_indicator, temporal_context)
       skips.append(x)
     if i < cfg.num_levels - 1:
       x = Downsample2D(channels, cfg.downsample_padding, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -394,7 +426,8 @@ class UNetMidBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, temb, context=None, num_frames=None, image_only_indicator=None, deterministic=True):
+  def __call__(self, x, temb, context=None, num_frames=None, image_only_indicator=None, deterministic=True,
+               temporal_context=None):
     cfg = self.config
     channels = cfg.block_out_channels[-1]
     scale = cfg.mid_block_scale_factor
@@ -402,7 +435,7 @@ class UNetMidBlock(nn.Module):
         x, temb, num_frames, image_only_indicator, deterministic)
     x = _transformer(cfg, channels, cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1],
                      False, "attentions_0", self.dtype, self.param_dtype)(
-                         x, context, num_frames, image_only_indicator)
+                         x, context, num_frames, image_only_indicator, temporal_context)
     x = _resnet(cfg, channels, "resnets_1", self.dtype, self.param_dtype, scale)(
         x, temb, num_frames, image_only_indicator, deterministic)
     return _constrain(x)
@@ -421,7 +454,7 @@ class UNetUpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, skips: Sequence[jax.Array], temb, context=None, upsample_size=None, num_frames=None,
-               image_only_indicator=None, deterministic=True):
+               image_only_indicator=None, deterministic=True, temporal_context=None):
     cfg, i = self.config, self.index
     level = cfg.num_levels - 1 - i  # the matching down level
     channels = cfg.block_out_channels[level]
@@ -434,7 +467,7 @@ class UNetUpBlock(nn.Module):
       if has_attention:
         x = _transformer(cfg, channels, cfg.num_attention_heads[level], cfg.transformer_layers_per_block[level],
                          cfg.only_cross_attention[level], f"attentions_{j}", self.dtype, self.param_dtype)(
-                             x, context, num_frames, image_only_indicator)
+                             x, context, num_frames, image_only_indicator, temporal_context)
     if i < cfg.num_levels - 1:
       x = Upsample2D(channels, dtype=self.dtype, param_dtype=self.param_dtype, name="upsamplers_0")(x, upsample_size)
     return _constrain(x)
@@ -443,8 +476,22 @@ class UNetUpBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # The U-Net.
 
+def _per_frame(a: jax.Array, n: int, num_frames: Optional[int], what: str) -> jax.Array:
+  """Leading dim ``n`` (one per frame) as is; one per video (``n / num_frames``) repeated over its frames."""
+  if a.shape[0] == n:
+    return a
+  if num_frames and a.shape[0] * num_frames == n:
+    return jnp.repeat(a, num_frames, axis=0)
+  raise ValueError(f"{what}: leading dim {a.shape[0]} is neither the number of frames {n} nor of videos "
+                   f"{n // (num_frames or 1)}")
+
+
 class UNet(nn.Module):
-  """Conditional image U-Net: ``[b, h, w, in_channels]`` -> ``[b, h, w, out_channels]`` (eps / v / x0)."""
+  """Conditional image / video U-Net: ``[b, h, w, in_channels]`` -> ``[b, h, w, out_channels]`` (eps / v / x0).
+
+  With ``config.temporal``: ``[b, t, h, w, c]`` -> ``[b, t, h, w, c]``, or frames folded into the batch
+  ``[(b t), h, w, c]`` with ``num_frames=t``.
+  """
   config: UNetConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -453,7 +500,7 @@ class UNet(nn.Module):
   def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: Optional[jax.Array] = None,
                *, class_labels: Optional[jax.Array] = None, added_cond: Optional[jax.Array] = None,
                num_frames: Optional[int] = None, image_only_indicator: Optional[jax.Array] = None,
-               deterministic: bool = True) -> jax.Array:
+               temporal_context: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
     """Denoiser forward pass.
 
     Args:
@@ -463,22 +510,47 @@ class UNet(nn.Module):
       encoder_hidden_states: ``[b, n, cross_attention_dim]`` text tokens.
       class_labels: ``[b]`` int labels when ``config.num_class_embeds`` (x4 upscaler: noise level).
       added_cond: ``[b, addition_embed_dim]`` extra vector added (after ``add_embedding``) to the time
-        embedding; only with ``config.addition_embed_dim``.
-      num_frames, image_only_indicator: video layout, passed to every block (unused by the image model).
+        embedding; only with ``config.addition_embed_dim`` (with ``addition_time_embed_dim``: ``[b, n_scalars]``).
+      num_frames: video clip length t (static); implied by a 5D ``sample``. Video inputs: ``b`` above counts
+        frames, and per-video ``timesteps`` / ``encoder_hidden_states`` / ``class_labels`` / ``added_cond``
+        (leading dim ``b / t``) are repeated over the frames; per-frame values are used as they are.
+      image_only_indicator: ``[b / t, t]``; true frames skip the temporal layers (alpha = 1). None = all video.
+      temporal_context: ``[b / t, m, d]`` context of the temporal cross-attention when
+        ``config.temporal.use_spatial_context`` is False.
       deterministic: disables dropout.
     Returns:
-      ``[b, h, w, out_channels]`` in ``dtype``.
+      ``[b, h, w, out_channels]`` (``[b, t, h, w, out_channels]`` for a 5D ``sample``) in ``dtype``.
     """
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    video_input = sample.ndim == 5
+    if video_input:
+      if cfg.temporal is None:
+        raise ValueError("a [b, t, h, w, c] sample needs the video U-Net (config.temporal)")
+      if num_frames not in (None, sample.shape[1]):
+        raise ValueError(f"num_frames={num_frames} but the sample has {sample.shape[1]} frames")
+      num_frames = sample.shape[1]
+      sample = einops.rearrange(sample, "b t h w c -> (b t) h w c")
+    if cfg.temporal is not None:
+      if num_frames is None:
+        raise ValueError("the video U-Net needs num_frames (or a [b, t, h, w, c] sample)")
+      if sample.shape[0] % num_frames:
+        raise ValueError(f"batch {sample.shape[0]} is not a multiple of num_frames={num_frames}")
+    else:
+      num_frames = None  # the image model treats every sample as one image
     b = sample.shape[0]
     sample = sample.astype(self.dtype)
     if encoder_hidden_states is not None:
-      encoder_hidden_states = encoder_hidden_states.astype(self.dtype)
+      encoder_hidden_states = _per_frame(encoder_hidden_states.astype(self.dtype), b, num_frames,
+                                         "encoder_hidden_states")
+    if class_labels is not None:
+      class_labels = _per_frame(jnp.asarray(class_labels).reshape(-1), b, num_frames, "class_labels")
+    if added_cond is not None:
+      added_cond = _per_frame(added_cond, b, num_frames, "added_cond")
 
     # Time (+ class / added) embedding.
     t = jnp.asarray(timesteps, jnp.float32).reshape(-1)
-    t = jnp.broadcast_to(t, (b,)) if t.shape[0] == 1 else t
+    t = jnp.broadcast_to(t, (b,)) if t.shape[0] == 1 else _per_frame(t, b, num_frames, "timesteps")
     t_emb = layers.sinusoidal_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                         downscale_freq_shift=cfg.freq_shift).astype(self.dtype)
     emb = layers.TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(t_emb)
@@ -494,12 +566,15 @@ class UNet(nn.Module):
     if cfg.addition_embed_dim is not None:
       if added_cond is None:
         raise ValueError("this U-Net has an add_embedding (addition_embed_dim): pass added_cond")
+      if cfg.addition_time_embed_dim is not None:  # SVD's add_time_proj: each scalar -> cos|sin features
+        added_cond = layers.sinusoidal_embedding(added_cond.reshape(-1), cfg.addition_time_embed_dim).reshape(b, -1)
       emb = emb + layers.TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(
           added_cond.astype(self.dtype))
     elif added_cond is not None:
       raise ValueError("added_cond given, but the config has no addition_embed_dim")
 
-    block_kw = dict(num_frames=num_frames, image_only_indicator=image_only_indicator, deterministic=deterministic)
+    block_kw = dict(num_frames=num_frames, image_only_indicator=image_only_indicator, deterministic=deterministic,
+                    temporal_context=temporal_context)
     x = _constrain(layers.conv(cfg.block_out_channels[0], name="conv_in", **kw)(sample))
     skips = [x]
     for i in range(cfg.num_levels):
@@ -514,7 +589,8 @@ class UNet(nn.Module):
 
     x = nn.silu(layers.group_norm(num_groups=cfg.norm_num_groups, epsilon=cfg.norm_eps, name="conv_norm_out",
                                   **kw)(x))
-    return layers.conv(cfg.out_channels, name="conv_out", **kw)(x)
+    x = layers.conv(cfg.out_channels, name="conv_out", **kw)(x)
+    return einops.rearrange(x, "(b t) h w c -> b t h w c", t=num_frames) if video_input else x
 
 
 def dummy_inputs(config: UNetConfig, batch: int = 1, size: int = 8, tokens: int = 2) -> Dict[str, Any]:
@@ -526,7 +602,13 @@ def dummy_inputs(config: UNetConfig, batch: int = 1, size: int = 8, tokens: int 
   if config.num_class_embeds is not None:
     inputs["class_labels"] = jnp.zeros((batch,), jnp.int32)
   if config.addition_embed_dim is not None:
-    inputs["added_cond"] = jnp.zeros((batch, config.addition_embed_dim), jnp.float32)
+    width = config.addition_embed_dim // (config.addition_time_embed_dim or 1)
+    inputs["added_cond"] = jnp.zeros((batch, width), jnp.float32)
+  tc = config.temporal
+  if tc is not None:  # the batch is one clip of ``batch`` frames
+    inputs["num_frames"] = batch
+    if tc.cross_attention and not tc.use_spatial_context:
+      inputs["temporal_context"] = jnp.zeros((1, tokens, tc.context_dim or config.cross_attention_dim), jnp.float32)
   return inputs
 
 

@@ -1,0 +1,55 @@
+r"""Text-to-video Video LDM on a Stable Diffusion 1.x / 2.x backbone (the paper's WebVid pipeline).
+
+Stage ``base``: SD's U-Net, VAE and text encoder frozen (loaded from a converted checkpoint), temporal layers
+(3D-conv ResBlocks + temporal attention with text cross-attention, learned α) trained on 8 key frames at
+1.875 fps, 320x512 px (latents 40x64x4). ``variant=sd15`` (CLIP ViT-L/14, ε) or ``variant=sd21`` (OpenCLIP
+ViT-H, v-prediction); ``sd21_base`` for the ε-prediction 512 model.
+
+  python -m videoldm_jax.convert ...                       # writes /ckpt/sd15 (config.json + params/)
+  python -m videoldm_jax.train --config=configs/webvid.py:stage=base,variant=sd15 --workdir=/tmp/t2v_sd15 \
+      --config.model_init=/ckpt/sd15 --config.data.source=webvid/<name> --config.data.data_dir=/data/tfds
+
+  # CPU smoke run (tiny text model, synthetic captioned driving clips, random frozen backbone):
+  python -m videoldm_jax.train --config=configs/webvid.py:stage=base,runlocal --workdir=/tmp/t2v_local
+
+Pre-encoded latents (data_pipelines/) train much faster: ``--config.data.source=latents``.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, stage="base", variant="sd15", runlocal=False)
+  c = common.base_config()
+  c.stage = a.stage
+  common.apply_variant(c, "tiny" if a.runlocal else a.variant)
+
+  c.data.source = "synthetic"  # a prepared TFDS dataset ("webvid/<name>") or "latents" for real runs
+  c.data.height, c.data.width = 320, 512
+  c.data.cond_drop_prob = 0.1
+  c.sampling.guidance_scale = 7.5
+
+  if a.stage == "image":  # optional: brief fine-tuning of the spatial layers on video frames
+    c.data.num_frames = 1
+    c.trainable = r"unet/.*"
+    c.batch_size = 256
+    c.total_steps = 10_000
+    c.optimizer.lr = 1e-5
+  elif a.stage == "base":
+    c.data.num_frames = 8
+    c.data.fps = 1.875
+    c.model.temporal = common.video_temporal(cross_attention=True)
+    c.trainable = ".*temporal.*"
+    c.model_init_missing_ok = ".*temporal.*"
+    c.batch_size = 32
+    c.total_steps = 14_000
+    c.optimizer.lr = 1e-4
+    c.optimizer.warmup_steps = 500
+  else:
+    raise ValueError(f"configs/webvid.py: stage={a.stage!r} is not available yet (image, base)")
+
+  if a.runlocal:
+    common.runlocal(c)
+    c.optimizer.lr = 5e-4
+    c.sampling.guidance_scale = 3.0
+  return c

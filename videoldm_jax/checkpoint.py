@@ -1,0 +1,339 @@
+"""Checkpoints: orbax manager for the train state + data iterator, frozen params, model_init, preemption.
+
+Workdir layout::
+
+  WORKDIR/config.json                      the run's config
+  WORKDIR/checkpoints/<step>/state         trainable params, optimizer state, EMA, step (orbax PyTree)
+  WORKDIR/checkpoints/<step>/data          data iterator state (grain CheckpointHandler, one file per process)
+  WORKDIR/frozen/                          frozen params, written ONCE, only when they were not loaded from
+                                           ``config.model_init`` (random init) so a restart or a later stage finds
+                                           exactly the same backbone
+  WORKDIR/model_init.json                  ``{"model_init": PATH}`` when the frozen params came from PATH
+
+Restore order (``restore_or_init``): latest checkpoint in WORKDIR -> ``config.resume`` (another workdir's
+checkpoint) -> ``config.model_init`` (``videoldm_jax.convert`` output or a trained workdir, loaded leaf by leaf into
+the fresh tree; only leaves matching ``config.model_init_missing_ok`` may be absent, e.g. new temporal layers) ->
+scratch. Frozen params are re-loaded from ``WORKDIR/frozen`` or ``model_init`` on every start, never re-saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import signal
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import traverse_util
+
+from videoldm_jax import optim, parallel
+
+try:  # grain registers orbax args for its iterators (exact resume of the input pipeline).
+  from grain.checkpoint import CheckpointRestore as DataRestore, CheckpointSave as DataSave
+except ImportError:  # pragma: no cover
+  DataRestore = DataSave = None
+
+SEP = optim.SEP
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Train-state checkpoints.
+# ---------------------------------------------------------------------------------------------------------------
+
+class Checkpointer:
+  """Orbax ``CheckpointManager`` over ``directory``: items ``state`` (TrainState as a dict) and ``data``."""
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: optim.TrainState, data_iter=None) -> None:
+    items = {"state": ocp.args.StandardSave(flax.serialization.to_state_dict(state))}
+    if data_iter is not None and DataSave is not None and hasattr(data_iter, "get_state"):
+      items["data"] = DataSave(data_iter)
+    self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, abstract_state: optim.TrainState, data_iter=None, step: Optional[int] = None
+              ) -> optim.TrainState:
+    """Restores into ``abstract_state`` (``ShapeDtypeStruct`` leaves with shardings) and, when saved, the data
+    iterator in place."""
+    step = self.latest_step() if step is None else step
+    target = flax.serialization.to_state_dict(abstract_state)
+    items = {"state": ocp.args.StandardRestore(target)}
+    has_data = (self.directory / str(step) / "data").exists()
+    if data_iter is not None and has_data and DataRestore is not None:
+      items["data"] = DataRestore(data_iter)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    logging.info("Restored step %d from %s%s", step, self.directory, " (with data iterator)" if "data" in items
+                 else "")
+    return flax.serialization.from_state_dict(abstract_state, restored["state"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain param trees (frozen params, model_init sources).
+# ---------------------------------------------------------------------------------------------------------------
+
+def save_params(path: str, params) -> None:
+  """Blocking orbax save of a param tree (all processes participate)."""
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(epath.Path(path).absolute(), params, force=True)
+  ckpt.wait_until_finished()
+
+
+def tree_metadata(path: str) -> Dict[str, Any]:
+  """Flat ``{path: ArrayMetadata}`` of an orbax PyTree directory (no array is read)."""
+  md = ocp.PyTreeCheckpointer().metadata(epath.Path(path).absolute())
+  tree = md.item_metadata.tree if hasattr(md, "item_metadata") else md.tree
+  return traverse_util.flatten_dict(tree, sep=SEP)
+
+
+def restore_subset(path: str, target_flat: Dict[str, jax.ShapeDtypeStruct]) -> Dict[str, jax.Array]:
+  """Restores only the leaves named in ``target_flat`` (flat paths -> ShapeDtypeStruct with sharding), each read
+  straight into its sharding and cast to the target dtype."""
+  if not target_flat:
+    return {}
+  target = traverse_util.unflatten_dict(target_flat, sep=SEP)
+  args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype),
+                      target)
+  restored = ocp.PyTreeCheckpointer().restore(
+      epath.Path(path).absolute(), args=ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True))
+  return traverse_util.flatten_dict(restored, sep=SEP)
+
+
+def _latest_state_dir(workdir: epath.Path) -> Optional[epath.Path]:
+  ckdir = workdir / "checkpoints"
+  if not ckdir.exists():
+    return None
+  steps = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit() and (p / "state").exists())
+  return ckdir / str(steps[-1]) / "state" if steps else None
+
+
+def source_metadata(path: str, use_ema: bool = True) -> Dict[str, Tuple[str, str]]:
+  """Flat param path -> (orbax directory, path inside it) for every param a ``model_init`` source provides.
+
+  Sources: (1) a converted checkpoint directory (``python -m videoldm_jax.convert``: ``config.json`` + one orbax
+  tree per component ``unet/``, ``vae/``, ``text_encoder/``); (2) a training workdir: trainable params from its latest checkpoint (EMA when
+  ``use_ema`` and present), frozen params from its ``frozen/`` or, recursively, its own ``model_init``.
+  """
+  root = epath.Path(path)
+  out: Dict[str, Tuple[str, str]] = {}
+  if (root / "config.json").exists() and not (root / "checkpoints").exists():
+    # videoldm_jax.convert output: config.json + one orbax tree per component (unet/, vae/, text_encoder/).
+    components = [p for p in root.iterdir() if p.is_dir() and (p / "_CHECKPOINT_METADATA").exists()]
+    if not components:
+      raise FileNotFoundError(f"config.model_init={path!r}: config.json but no component checkpoints")
+    for comp in components:
+      for k in tree_metadata(str(comp)):
+        out[f"{comp.name}{SEP}{k}"] = (str(comp), k)
+    return out
+  if not (root / "checkpoints").exists():
+    raise FileNotFoundError(f"config.model_init={path!r}: neither a converted checkpoint (config.json + unet/ "
+                            "vae/ ...) nor a training workdir (checkpoints/)")
+  if (root / "frozen").exists():
+    for k in tree_metadata(str(root / "frozen")):
+      out[k] = (str(root / "frozen"), k)
+  elif (root / "model_init.json").exists():
+    out.update(source_metadata(json.loads((root / "model_init.json").read_text())["model_init"], use_ema))
+  state_dir = _latest_state_dir(root)
+  if state_dir is None:
+    raise FileNotFoundError(f"config.model_init={path!r}: workdir has no finished checkpoint")
+  flat = tree_metadata(str(state_dir))
+  prefix = "ema_params" + SEP if use_ema and any(k.startswith("ema_params" + SEP) for k in flat) else "params" + SEP
+  for k in flat:
+    if k.startswith(prefix):
+      out[k[len(prefix):]] = (str(state_dir), k)
+  return out
+
+
+def load_model_init(path: str, abstract_flat: Dict[str, jax.ShapeDtypeStruct], *, missing_ok: str,
+                    use_ema: bool = True) -> Dict[str, jax.Array]:
+  """Loads every leaf of ``abstract_flat`` (flat path -> sharded ShapeDtypeStruct) that ``path`` provides.
+
+  Raises ``ValueError`` listing params that are absent (unless they match the regex ``missing_ok``) or have a
+  different shape; params the source has but the model does not are ignored (e.g. an unused text encoder).
+  """
+  src = source_metadata(path, use_ema)
+  rx = re.compile(missing_ok) if missing_ok else None
+  missing = [k for k in abstract_flat if k not in src and not (rx and rx.fullmatch(k))]
+  by_dir: Dict[str, Dict[str, jax.ShapeDtypeStruct]] = {}
+  shapes = {}
+  for k, s in abstract_flat.items():
+    if k in src:
+      d, inner = src[k]
+      by_dir.setdefault(d, {})[inner] = s
+      shapes[k] = (d, inner)
+  metadata = {d: tree_metadata(d) for d in by_dir}
+  mismatched = [f"{k}: checkpoint {tuple(metadata[d][inner].shape)} vs model {tuple(abstract_flat[k].shape)}"
+                for k, (d, inner) in shapes.items()
+                if tuple(metadata[d][inner].shape) != tuple(abstract_flat[k].shape)]
+  if missing or mismatched:
+    raise ValueError(f"config.model_init={path!r} does not fit the model:\n  missing ({len(missing)}): "
+                     f"{missing[:20]}\n  mis-shaped ({len(mismatched)}): {mismatched[:20]}")
+  loaded: Dict[str, jax.Array] = {}
+  for d, tgt in by_dir.items():
+    got = restore_subset(d, tgt)
+    for k, (dd, inner) in shapes.items():
+      if dd == d:
+        loaded[k] = got[inner]
+  unused = len(src) - len(loaded)
+  logging.info("model_init %s: loaded %d params, kept %d freshly initialised, ignored %d from the source",
+               path, len(loaded), len(abstract_flat) - len(loaded), unused)
+  return loaded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Restore order.
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Restored:
+  state: optim.TrainState
+  frozen: Dict[str, Any]
+  state_shardings: optim.TrainState
+  frozen_shardings: Dict[str, Any]
+  source: str                     # "checkpoint" | "resume" | "model_init" | "scratch"
+
+
+def state_shardings(tx: optax.GradientTransformation, abstract_state: optim.TrainState, param_shardings,
+                    mesh) -> optim.TrainState:
+  """Optimizer moments take the sharding of their param; counters etc. are replicated."""
+  repl = parallel.replicated(mesh)
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
+                              transform_non_params=lambda _: repl)
+  return optim.TrainState(step=repl, params=param_shardings, opt_state=opt,
+                          ema_params=param_shardings if abstract_state.ema_params is not None else None)
+
+
+def _with_sharding(shapes, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def restore_or_init(config, workdir: str, init_fn: Callable, rng: jax.Array, mesh, rules,
+                    tx: optax.GradientTransformation, ckpt: Checkpointer, data_iter=None,
+                    compiler_options: Optional[Dict[str, Any]] = None) -> Restored:
+  """Materialises params and train state, sharded from the logical rules, in the documented restore order.
+
+  ``init_fn(rng)`` returns the full boxed param tree (frozen + trainable).
+  """
+  wd = epath.Path(workdir)
+  boxed = jax.eval_shape(init_fn, rng)
+  shardings = parallel.param_shardings(boxed, mesh, rules)
+  shapes = nn.meta.unbox(boxed)
+  train_shapes, frozen_shapes = optim.split(shapes, config.trainable)
+  train_sh, frozen_sh = optim.split(shardings, config.trainable)
+  if not jax.tree.leaves(train_shapes):
+    raise ValueError(f"config.trainable={config.trainable!r} matches no parameter")
+  ema = bool(config.get("ema_decay", 0.0))
+  abstract_state = jax.eval_shape(lambda p: optim.init_state(p, tx, ema), train_shapes)
+  st_sh = state_shardings(tx, abstract_state, train_sh, mesh)
+
+  # Fresh params (needed for scratch, and for the leaves a model_init source does not provide).
+  full = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings,
+                 compiler_options=compiler_options)(rng)
+  trainable, frozen = optim.split(full, config.trainable)
+  del full
+
+  frozen_dir = wd / "frozen"
+  model_init = config.get("model_init") or ""
+  if frozen_dir.exists():
+    frozen = traverse_util.unflatten_dict(
+        restore_subset(str(frozen_dir), optim.flat_paths(_with_sharding(frozen_shapes, frozen_sh))), sep=SEP) \
+        if jax.tree.leaves(frozen_shapes) else {}
+    logging.info("Frozen params from %s", frozen_dir)
+  source = "scratch"
+  if model_init:
+    abstract_flat = optim.flat_paths(_with_sharding(shapes, shardings))
+    loaded = load_model_init(model_init, abstract_flat, missing_ok=config.get("model_init_missing_ok", ""),
+                             use_ema=config.get("model_init_use_ema", True))
+    flat_t, flat_f = optim.flat_paths(trainable), optim.flat_paths(frozen)
+    for k, v in loaded.items():
+      if k in flat_t:
+        flat_t[k] = v
+      elif not frozen_dir.exists():
+        flat_f[k] = v
+    trainable = traverse_util.unflatten_dict(flat_t, sep=SEP)
+    frozen = traverse_util.unflatten_dict(flat_f, sep=SEP) if flat_f else {}
+    source = "model_init"
+  if jax.process_index() == 0:
+    wd.mkdir(parents=True, exist_ok=True)
+  if model_init:
+    if jax.process_index() == 0:
+      (wd / "model_init.json").write_text(json.dumps({"model_init": str(epath.Path(model_init).absolute())}))
+  elif not frozen_dir.exists() and jax.tree.leaves(frozen):
+    save_params(str(frozen_dir), frozen)   # random-init backbone: keep it for restarts and later stages
+
+  abstract_sharded = _with_sharding(abstract_state, st_sh)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(abstract_sharded, data_iter)
+    source = "checkpoint"
+  elif config.get("resume"):
+    other = Checkpointer(os.path.join(config.resume, "checkpoints"), async_save=False)
+    if other.latest_step() is None:
+      raise FileNotFoundError(f"config.resume={config.resume!r}: no checkpoint found")
+    state = other.restore(abstract_sharded, data_iter)
+    other.close()
+    source = "resume"
+  else:
+    state = jax.jit(lambda p: optim.init_state(p, tx, ema), out_shardings=st_sh,
+                    compiler_options=compiler_options)(trainable)
+  logging.info("State from %s at step %d", source, int(state.step))
+  return Restored(state=state, frozen=frozen, state_shardings=st_sh, frozen_shardings=frozen_sh, source=source)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preemption.
+# ---------------------------------------------------------------------------------------------------------------
+
+class PreemptionWatcher:
+  """SIGTERM sets a flag; ``should_stop(step)`` is true once any process got it (multi-host: JAX's preemption
+  sync point, so every process stops at the same step)."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not in the main thread (e.g. some test runners): rely on the multi-host sync only
+      pass
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    self.received = True
+
+  def should_stop(self, step: int) -> bool:
+    if self.received:
+      return True
+    if jax.process_count() > 1:
+      try:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except (RuntimeError, AttributeError):
+        return False
+    return False
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

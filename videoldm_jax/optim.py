@@ -1,0 +1,145 @@
+"""Freeze mask, trainable/frozen split, optimizer, LR schedule, EMA and the train state.
+
+Frozen parameters never reach the optimizer: ``split`` cuts the full param tree into a *trainable* tree (paths
+matching ``config.trainable``) and a *frozen* tree; gradients are taken w.r.t. the trainable tree only, and the
+optimizer / EMA are built on it. So frozen parameters get neither gradients nor Adam moments nor EMA copies,
+and no ``set_to_zero`` bookkeeping is needed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+Params = Dict[str, Any]
+SEP = "/"
+
+
+def flat_paths(params: Params) -> Dict[str, Any]:
+  """``{"unet/down_blocks_0/conv1/kernel": leaf, ...}``."""
+  return traverse_util.flatten_dict(flax.core.unfreeze(params), sep=SEP)
+
+
+def trainable_mask(params: Params, pattern: str) -> Params:
+  """Tree of bools: True where the '/'-joined path fully matches the regex ``pattern``."""
+  rx = re.compile(pattern)
+  return traverse_util.unflatten_dict({k: bool(rx.fullmatch(k)) for k in flat_paths(params)}, sep=SEP)
+
+
+def split(params: Params, pattern: str) -> Tuple[Params, Params]:
+  """Full tree -> ``(trainable, frozen)`` nested dicts (regex ``pattern`` over '/'-joined paths)."""
+  rx = re.compile(pattern)
+  flat = flat_paths(params)
+  train = {k: v for k, v in flat.items() if rx.fullmatch(k)}
+  frozen = {k: v for k, v in flat.items() if not rx.fullmatch(k)}
+  return (traverse_util.unflatten_dict(train, sep=SEP) if train else {},
+          traverse_util.unflatten_dict(frozen, sep=SEP) if frozen else {})
+
+
+def merge(trainable: Params, frozen: Params) -> Params:
+  """Inverse of ``split``."""
+  flat = dict(flat_paths(frozen))
+  overlap = set(flat) & set(flat_paths(trainable))
+  if overlap:
+    raise ValueError(f"trainable and frozen trees overlap: {sorted(overlap)[:5]}")
+  flat.update(flat_paths(trainable))
+  return traverse_util.unflatten_dict(flat, sep=SEP) if flat else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedule and optimizer.
+# ---------------------------------------------------------------------------------------------------------------
+
+def make_schedule(oc, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to ``oc.lr`` over ``oc.warmup_steps``, then ``constant`` or ``cosine`` decay to
+  ``oc.lr * oc.end_lr_factor`` at ``total_steps``."""
+  lr, warmup = float(oc.lr), int(oc.get("warmup_steps", 0))
+  kind = oc.get("schedule", "cosine")
+  if kind == "constant":
+    after = optax.constant_schedule(lr)
+  elif kind == "cosine":
+    after = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup), alpha=float(oc.get("end_lr_factor", 0.0)))
+  else:
+    raise ValueError(f"config.optimizer.schedule={kind!r}: expected 'cosine' or 'constant'")
+  if warmup <= 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def make_optimizer(config) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+  """``chain(clip_by_global_norm, adamw(schedule))`` from ``config.optimizer``; applied to trainable params only."""
+  oc = config.optimizer
+  schedule = make_schedule(oc, int(config.total_steps))
+  parts = []
+  if oc.get("grad_clip", 0.0):
+    parts.append(optax.clip_by_global_norm(float(oc.grad_clip)))
+  parts.append(optax.adamw(schedule, b1=float(oc.get("b1", 0.9)), b2=float(oc.get("b2", 0.999)),
+                           eps=float(oc.get("eps", 1e-8)), weight_decay=float(oc.get("weight_decay", 0.0))))
+  return optax.chain(*parts), schedule
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Train state and the generic step.
+# ---------------------------------------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (frozen params live outside; they are not donated or saved)."""
+  step: jax.Array
+  params: Params              # trainable params only (fp32 master copy)
+  opt_state: optax.OptState
+  ema_params: Optional[Params]
+
+
+def init_state(trainable: Params, tx: optax.GradientTransformation, ema: bool) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
+                    ema_params=jax.tree.map(jnp.copy, trainable) if ema else None)
+
+
+def ema_update(ema: Params, params: Params, decay: float) -> Params:
+  return jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema, params)
+
+
+def all_finite(*trees) -> jax.Array:
+  leaves = [x for t in trees for x in jax.tree.leaves(t)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
+def apply_gradients(state: TrainState, grads: Params, loss: jax.Array, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, ema_decay: float) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One optimizer update. A non-finite loss or gradient leaves params / opt state / EMA unchanged (the step
+  counter still advances) and reports ``finite=0``; the train loop then stops with a clear message, so the
+  last checkpoint and the in-memory state stay valid."""
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = ema_update(state.ema_params, params, ema_decay) if state.ema_params is not None else None
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state),
+                         ema_params=keep(ema, state.ema_params) if ema is not None else None)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite.astype(jnp.int32)}
+  return new_state, metrics
+
+
+def default_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                       ema_decay: float) -> Callable:
+  """``train_step(state, frozen, batch, rng) -> (state, metrics)`` for ``loss_fn(trainable, frozen, batch, rng)
+  -> (loss, aux_metrics)``. The rng is folded with the step so every step (and a resumed run) draws fresh,
+  reproducible noise."""
+
+  def train_step(state: TrainState, frozen: Params, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, rng)
+    state, metrics = apply_gradients(state, grads, loss, tx, schedule, ema_decay)
+    metrics.update(aux)
+    return state, metrics
+
+  return train_step

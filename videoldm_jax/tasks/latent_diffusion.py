@@ -1,0 +1,334 @@
+"""Latent diffusion task: stages ``image`` (image LDM on single frames) and ``base`` (key-frame video LDM).
+
+Param tree (top-level keys match the converted-checkpoint format)::
+
+  unet/...            spatial layers (+ ``temporal`` layers in the video U-Net: ``*temporal*`` in their paths)
+  vae/...             KL autoencoder, always frozen (latents on the fly from pixels, or pre-encoded batches)
+  text_encoder/...    CLIP text encoder, frozen (text conditioning)
+  label_encoder/...   label tokens (label conditioning, e.g. RDS day/night + crowdedness)
+
+``image``: ``config.trainable`` usually ``^(unet|label_encoder)/.*``; the U-Net is the plain image U-Net.
+``base``: the same U-Net with temporal layers (``config.model.temporal``), ``config.trainable = .*temporal.*``:
+the image LDM stays frozen; ``config.model_init`` points at a converted SD checkpoint or a trained ``image`` workdir.
+
+Clips ``[b, t, h, w, 3]`` are encoded frame by frame to latents ``[b, t, h/8, w/8, 4]``; one diffusion time per clip;
+the U-Net sees frames folded into the batch ``[(b t), h, w, c]`` with ``num_frames=t`` and the conditioning
+repeated per frame. Classifier-free guidance: the pipeline drops labels (-> null class) / captions (-> "").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from videoldm_jax import diffusion, optim, parallel, tasks
+from videoldm_jax.data import pipeline as data_pipeline
+from videoldm_jax.models import clip as clip_lib
+from videoldm_jax.models import unet as unet_lib
+from videoldm_jax.models import vae as vae_lib
+from videoldm_jax.tasks.common import TaskDefaults
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model configs from the run config: preset + overrides (+ temporal options).
+# ---------------------------------------------------------------------------------------------------------------
+
+def _replace(cfg, overrides, key: str):
+  fields = {f.name for f in dataclasses.fields(cfg)}
+  overrides = dict(overrides or {})
+  for k in overrides:
+    if k not in fields:
+      raise ValueError(f"config.model.{key}.{k}: not a field of {type(cfg).__name__}")
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+  return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def unet_config(config) -> unet_lib.UNetConfig:
+  preset = getattr(unet_lib, config.model.unet, None)
+  if not callable(preset):
+    raise ValueError(f"config.model.unet={config.model.unet!r}: no such preset in videoldm_jax.models.unet")
+  cfg = _replace(preset(), config.model.unet_overrides, "unet_overrides")
+  if config.model.temporal is not None:
+    if "temporal" not in {f.name for f in dataclasses.fields(cfg)}:
+      raise ValueError("config.model.temporal is set but UNetConfig has no temporal option")
+    from videoldm_jax.models.temporal import TemporalConfig  # pylint: disable=g-import-not-at-top
+    tc = _replace(TemporalConfig(), dict(config.model.temporal), "temporal")
+    cfg = dataclasses.replace(cfg, temporal=tc)
+  return cfg
+
+
+def vae_config(config) -> vae_lib.VAEConfig:
+  preset = getattr(vae_lib.VAEConfig, config.model.vae, None)
+  if not callable(preset):
+    raise ValueError(f"config.model.vae={config.model.vae!r}: no such VAEConfig preset")
+  return _replace(preset(), config.model.vae_overrides, "vae_overrides")
+
+
+def text_config(config) -> Optional[clip_lib.CLIPTextConfig]:
+  if not config.model.text_encoder:
+    return None
+  preset = getattr(clip_lib, config.model.text_encoder, None)
+  if not callable(preset):
+    raise ValueError(f"config.model.text_encoder={config.model.text_encoder!r}: no such preset in models.clip")
+  return _replace(preset(), config.model.text_overrides, "text_overrides")
+
+
+class LabelEncoder(nn.Module):
+  """One learned token per label field: ``{field: [b] int}`` -> ``[b, fields, dim]``; label < 0 = dropped (null)."""
+  num_classes: Tuple[int, ...]
+  fields: Tuple[str, ...]
+  dim: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, labels: Dict[str, jax.Array]) -> jax.Array:
+    tokens = []
+    for name, n in zip(self.fields, self.num_classes):
+      table = nn.Embed(n + 1, self.dim, name=name, param_dtype=self.param_dtype,
+                       embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")))
+      idx = jnp.asarray(labels[name], jnp.int32)
+      tokens.append(table(jnp.where((idx < 0) | (idx >= n), n, idx)))  # index n = the null class
+    return jnp.stack(tokens, axis=1)
+
+
+class Tokenize:
+  """Picklable ``caption -> [77] int32`` for the grain pipeline (worker processes load the tokenizer once)."""
+
+  def __init__(self, pad_with: str):
+    self.pad_with = pad_with
+
+  def __call__(self, text: str) -> np.ndarray:
+    from videoldm_jax.models import tokenizer  # pylint: disable=g-import-not-at-top
+    return tokenizer.tokenize(tokenizer.load_clip_tokenizer(self.pad_with), text)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The task.
+# ---------------------------------------------------------------------------------------------------------------
+
+@tasks.register("image", "base")
+class LatentDiffusionTask(TaskDefaults):
+  """Image / key-frame video latent diffusion (see module docstring)."""
+
+  def __init__(self, config):
+    self.config = config
+    self.video = config.stage != "image"
+    self.num_frames = int(config.data.num_frames)
+    self.dtype = DTYPES[config.dtype]
+    self.unet_config = unet_config(config)
+    self.vae_config = vae_config(config)
+    self.text_config = text_config(config) if config.model.conditioning == "text" else None
+    kw = dict(dtype=self.dtype, param_dtype=jnp.float32)
+    self.unet = unet_lib.UNet(self.unet_config, **kw)
+    self.vae = vae_lib.AutoencoderKL(self.vae_config, **kw)
+    self.text_encoder = clip_lib.CLIPTextEncoder(self.text_config, **kw) if self.text_config else None
+    self.label_encoder = None
+    if config.model.conditioning == "labels":
+      self.label_encoder = LabelEncoder(tuple(config.model.label_classes), tuple(config.model.label_fields),
+                                        int(config.model.label_dim or self.unet_config.cross_attention_dim))
+    d = config.diffusion
+    self.noise_schedule = diffusion.make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end,
+                                                  d.prediction)
+    self.tokenize = Tokenize(config.model.tokenizer_pad) if self.text_encoder is not None else None
+    self._null_ids = None
+    super().__init__(config)
+
+  # ----- checks -------------------------------------------------------------------------------------------------
+  @property
+  def needs_model_init(self) -> bool:
+    """The video stage trains temporal layers on a frozen image backbone that must come from somewhere."""
+    return self.video
+
+  def validate(self, config) -> None:
+    if config.stage == "image":
+      if config.model.temporal is not None:
+        raise ValueError("config.model.temporal must be None for the image stage (plain image U-Net)")
+      if int(config.data.num_frames) != 1:
+        raise ValueError(f"config.data.num_frames={config.data.num_frames}: the image stage trains on single "
+                         "frames (1)")
+    else:
+      if config.model.temporal is None:
+        raise ValueError(f"config.model.temporal is None but stage {config.stage!r} needs temporal layers")
+      if int(config.data.num_frames) < 2:
+        raise ValueError(f"config.data.num_frames={config.data.num_frames}: stage {config.stage!r} trains on clips")
+    if config.model.conditioning == "labels":
+      if len(config.model.label_fields) != len(config.model.label_classes):
+        raise ValueError(f"config.model.label_fields {tuple(config.model.label_fields)} and "
+                         f"config.model.label_classes {tuple(config.model.label_classes)} differ in length")
+    if config.model.conditioning == "text" and not config.model.text_encoder:
+      raise ValueError("config.model.text_encoder is empty but config.model.conditioning='text'")
+    f = self.vae_config.downsample_factor * 2 ** (self.unet_config.num_levels - 1)
+    if config.data.source != data_pipeline.LATENTS:
+      for key in ("height", "width"):
+        if int(config.data[key]) % f:
+          raise ValueError(f"config.data.{key}={config.data[key]} must be a multiple of {f} (VAE factor x U-Net "
+                           "downsampling)")
+    if config.model_init:
+      self._check_converted(config)
+    if config.data.source == data_pipeline.LATENTS and config.data.data_dir:
+      import json, os  # pylint: disable=g-import-not-at-top,multiple-imports
+      info_path = os.path.join(config.data.data_dir, data_pipeline.LATENT_INFO_FILE)
+      if os.path.exists(info_path):
+        stored = json.load(open(info_path)).get("num_frames")
+        if stored is not None and int(stored) < int(config.data.num_frames):
+          raise ValueError(f"config.data.num_frames={config.data.num_frames} exceeds the {stored} frames per clip "
+                           f"stored in {config.data.data_dir}")
+
+  @staticmethod
+  def _check_converted(config) -> None:
+    """A converted SD checkpoint records its prediction type: training another target would silently fail."""
+    import json, os  # pylint: disable=g-import-not-at-top,multiple-imports
+    path = os.path.join(config.model_init, "config.json")
+    if not os.path.exists(path) or os.path.exists(os.path.join(config.model_init, "checkpoints")):
+      return
+    schedule = json.load(open(path)).get("schedule", {})
+    kind = schedule.get("prediction_type")
+    if kind and diffusion.canonical_prediction_type(kind) != config.diffusion.prediction:
+      raise ValueError(f"config.diffusion.prediction={config.diffusion.prediction!r} but config.model_init "
+                       f"{config.model_init!r} was trained with {kind!r}")
+
+  # ----- params -------------------------------------------------------------------------------------------------
+  def init(self, rng) -> Dict[str, Any]:
+    r_unet, r_vae, r_cond = jax.random.split(rng, 3)
+    t = self.num_frames if self.video else 1
+    inputs = unet_lib.dummy_inputs(self.unet_config, batch=t)
+    if self.video:
+      inputs.update(num_frames=t, image_only_indicator=jnp.zeros((1, t), jnp.float32))
+    params = {"unet": self.unet.init(r_unet, **inputs)["params"],
+              "vae": self.vae.init(r_vae, vae_lib.example_image(self.vae_config))["params"]}
+    if self.text_encoder is not None:
+      params["text_encoder"] = self.text_encoder.init(r_cond, jnp.zeros((1, 77), jnp.int32))["params"]
+    if self.label_encoder is not None:
+      labels = {k: jnp.zeros((1,), jnp.int32) for k in self.label_encoder.fields}
+      params["label_encoder"] = self.label_encoder.init(r_cond, labels)["params"]
+    return params
+
+  # ----- data ---------------------------------------------------------------------------------------------------
+  def _data_config(self, **overrides):
+    c = data_pipeline.with_defaults(self.config.data)
+    for k, v in overrides.items():
+      c[k] = v
+    return c
+
+  def _dataset(self, mesh, data_config):
+    local = self.config.batch_size // jax.process_count()
+    ds = data_pipeline.make_dataset(data_config, local, tokenize_fn=self.tokenize)
+    keep = ("video", "latents", "labels", "caption_ids", "cond_mask")
+    spec = P(parallel.BATCH_AXES)
+    return ds.map(lambda b: {k: v for k, v in b.items() if k in keep}).map(
+        functools.partial(data_pipeline.make_global_batch, mesh=mesh, partition_spec=spec))
+
+  def input_pipeline(self, mesh):
+    """Checkpointable grain iterator of global batches: ``video`` ``[b, t, h, w, 3]`` in [-1, 1] (or ``latents``),
+    ``labels`` / ``caption_ids``, ``cond_mask``."""
+    return iter(self._dataset(mesh, self._data_config()))
+
+  def fixed_batch(self, mesh):
+    """A deterministic batch (own seed, no conditioning dropout) for eval loss and sample conditioning."""
+    cfg = self._data_config(seed=int(self.config.data.seed) + 1_000_003, cond_drop_prob=0.0, read_threads=1,
+                            prefetch=1, num_workers=0)
+    return next(iter(self._dataset(mesh, cfg)))
+
+  # ----- model pieces -------------------------------------------------------------------------------------------
+  def context(self, params, batch) -> jax.Array:
+    """Conditioning tokens ``[b, n, d]`` (frozen or trainable encoders, looked up in the merged tree)."""
+    if self.text_encoder is not None:
+      out = self.text_encoder.apply({"params": params["text_encoder"]}, batch["caption_ids"])
+      return out["last_hidden_state"]
+    if self.label_encoder is not None:
+      return self.label_encoder.apply({"params": params["label_encoder"]}, batch["labels"]).astype(self.dtype)
+    b = jax.tree.leaves(batch)[0].shape[0]
+    return jnp.zeros((b, 1, self.unet_config.cross_attention_dim), self.dtype)
+
+  def null_condition(self, batch):
+    """The dropped-conditioning version of ``batch``'s conditioning fields (for CFG at sampling)."""
+    out = dict(batch)
+    if "labels" in batch:
+      out["labels"] = {k: jnp.full_like(v, data_pipeline.NULL_LABEL) for k, v in batch["labels"].items()}
+    if "caption_ids" in batch:
+      if self._null_ids is None:
+        self._null_ids = np.asarray(self.tokenize(""), np.int32)
+      out["caption_ids"] = jnp.broadcast_to(jnp.asarray(self._null_ids), batch["caption_ids"].shape)
+    return out
+
+  def encode(self, params, batch, rng) -> jax.Array:
+    """Scaled latents ``[b, t, h', w', c]`` (pre-encoded, or sampled from the frozen VAE's posterior)."""
+    if "latents" in batch:
+      return batch["latents"].astype(jnp.float32)
+    video = batch["video"]
+    b = video.shape[0]
+    frames = einops.rearrange(video, "b t h w c -> (b t) h w c").astype(self.dtype)
+    moments = self.vae.apply({"params": params["vae"]}, frames, method="encode")
+    z = vae_lib.DiagonalGaussian(moments).sample(rng) * self.vae_config.scaling_factor
+    return jax.lax.stop_gradient(einops.rearrange(z, "(b t) h w c -> b t h w c", b=b))
+
+  def denoise(self, params, x_t, t, context) -> jax.Array:
+    """``x_t`` ``[b, t, h, w, c]``, ``t`` ``[b]``, ``context`` ``[b, n, d]`` -> prediction ``[b, t, h, w, c]``."""
+    b, nt = x_t.shape[:2]
+    x = einops.rearrange(x_t, "b t h w c -> (b t) h w c")
+    kw = {}
+    if self.video:
+      kw = dict(num_frames=nt, image_only_indicator=jnp.zeros((b, nt), jnp.float32))
+    out = self.unet.apply({"params": params["unet"]}, x, jnp.repeat(t, nt), jnp.repeat(context, nt, axis=0), **kw)
+    return einops.rearrange(out, "(b t) h w c -> b t h w c", b=b)
+
+  # ----- training -----------------------------------------------------------------------------------------------
+  def loss_fn(self, trainable, frozen, batch, rng):
+    params = optim.merge(trainable, frozen)
+    enc_rng, diff_rng = jax.random.split(rng)
+    z0 = self.encode(params, batch, enc_rng)
+    t, noise, x_t = diffusion.sample_training_inputs(diff_rng, z0, self.noise_schedule)
+    pred = self.denoise(params, x_t.astype(self.dtype), t, self.context(params, batch))
+    target = diffusion.training_target(None, z0, noise, t, self.noise_schedule)
+    loss = jnp.mean((pred.astype(jnp.float32) - target) ** 2)
+    return loss, self.aux_metrics(trainable)
+
+  def aux_metrics(self, trainable) -> Dict[str, jax.Array]:
+    """Mean merge factor α = sigmoid(mix_factor) of the temporal AlphaBlenders (1 = purely spatial)."""
+    mix = [v for k, v in optim.flat_paths(trainable).items() if k.endswith("mix_factor")]
+    if not mix:
+      return {}
+    return {"alpha": jnp.mean(jnp.stack([jax.nn.sigmoid(m.astype(jnp.float32)).mean() for m in mix]))}
+
+  # ----- sampling -----------------------------------------------------------------------------------------------
+  def sample_fn(self, trainable, frozen, batch, rng) -> jax.Array:
+    """DDIM + classifier-free guidance for the first ``config.sampling.num_samples`` conditions of ``batch``;
+    returns uint8 videos ``[n, t, H, W, 3]``."""
+    sc = self.config.sampling
+    params = optim.merge(trainable, frozen)
+    n = int(sc.num_samples)
+    batch = jax.tree.map(lambda x: x[:n], batch)
+    cond = self.context(params, batch)
+    uncond = self.context(params, self.null_condition(batch))
+    if "latents" in batch:
+      shape = batch["latents"].shape
+    else:
+      f = self.vae_config.downsample_factor
+      _, nt, h, w, _ = batch["video"].shape
+      shape = (n, nt, h // f, w // f, self.vae_config.latent_channels)
+    noise_rng, ddim_rng = jax.random.split(rng)
+    x_T = jax.random.normal(noise_rng, shape, jnp.float32)
+
+    def model_fn(x, t, ctx):  # x [(k b), t, h, w, c] for k stacked conditions
+      return self.denoise(params, x.astype(self.dtype), t, ctx).astype(jnp.float32)
+
+    def guided(x, t):
+      return diffusion.guided_prediction(model_fn, x, t, cond, uncond, float(sc.guidance_scale))
+
+    z = diffusion.ddim_sample(guided, x_T, self.noise_schedule, int(sc.num_steps), eta=float(sc.eta),
+                              rng=ddim_rng if sc.eta else None)
+    frames = einops.rearrange(z, "b t h w c -> (b t) h w c") / self.vae_config.scaling_factor
+    images = self.vae.apply({"params": params["vae"]}, frames.astype(self.dtype), method="decode")
+    images = jnp.clip((images.astype(jnp.float32) + 1.0) * 127.5, 0, 255).astype(jnp.uint8)
+    return einops.rearrange(images, "(b t) h w c -> b t h w c", b=n)

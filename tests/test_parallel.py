@@ -1,5 +1,6 @@
 """Mesh construction from the parallelism knobs, logical rules, batch sharding (time axis never sharded)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import common
-from videoldm_jax import parallel
+from videoldm_jax import optim, parallel
 from videoldm_jax.models import layers
 
 
@@ -40,12 +41,13 @@ def test_shapes_with_slices():
   assert ici == (1, 4, 1) and dcn == (2, 1, 1)
 
 
-class _Net(__import__("flax").linen.Module):
-  @__import__("flax").linen.compact
+class _Net(nn.Module):
+  @nn.compact
   def __call__(self, x):
     x = layers.conv(16, (3, 3), name="conv")(x)
     x = layers.dense(24, axes=("embed", "mlp"), name="up")(x)
-    return layers.dense(16, axes=("mlp", "embed"), name="down")(x) + layers.group_norm(num_groups=4, name="norm")(x[..., :16])
+    return layers.dense(16, axes=("mlp", "embed"), name="down")(x) + layers.group_norm(num_groups=4, name="norm")(
+        x[..., :16])
 
 
 @pytest.mark.parametrize("preset,expected", [
@@ -56,7 +58,6 @@ class _Net(__import__("flax").linen.Module):
                      "down/kernel": P("tensor", "fsdp")}),
 ])
 def test_param_shardings_from_rules(preset, expected):
-  from videoldm_jax import optim
   config = _config(ici_data_parallelism=2, ici_fsdp_parallelism=2, ici_tensor_parallelism=2, rules=preset)
   mesh = parallel.make_mesh(config)
   boxed = jax.eval_shape(_Net().init, jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 8)))["params"]

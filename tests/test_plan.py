@@ -39,3 +39,15 @@ def test_plan_sd15_image_sizes():
   assert 83e6 < comps["vae"]["total"] < 84e6
   # Adam: two fp32 moments per trainable param (+ scalar counters).
   assert abs(p["bytes"]["optimizer_state"] - 2 * p["bytes"]["trainable_params"]) < 1024
+
+
+@pytest.mark.slow
+def test_plan_sd15_video_freeze_mask():
+  p = plan.plan(webvid.get_config("stage=base,variant=sd15"))
+  unet = p["components"]["unet"]
+  # Only the temporal layers train: 649M in the paper (Appendix H.2.1, SD 1.4 backbone).
+  assert p["params"]["trainable"] == unet["trainable"] == unet["temporal"]
+  assert abs(unet["temporal"] - 649e6) < 1e6
+  assert unet["total"] - unet["temporal"] == 859_520_964  # the frozen spatial U-Net is exactly SD's
+  assert p["params"]["frozen"] == 859_520_964 + p["components"]["vae"]["total"] + \
+      p["components"]["text_encoder"]["total"]

@@ -51,6 +51,8 @@ class _HookedIterator:
     if self.count == self.nan_at:
       b["x"] = np.full_like(b["x"], np.nan)
     if self.count == self.sigterm_at:
+      # Only with the train loop's handler installed (else SIGTERM would end the test process).
+      assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
       os.kill(os.getpid(), signal.SIGTERM)
     return b
 
@@ -226,3 +228,19 @@ def test_model_init_from_workdir_loads_frozen_and_trainable(tmp_path):
   diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), second.state.params,
                       first.state.params)
   assert max(jax.tree.leaves(diff)) < 0.1  # one small step away from first's params, not a fresh init
+
+
+def test_schedule_warmup_then_cosine():
+  c = toy_config(total_steps=110)
+  c.optimizer.warmup_steps = 10
+  c.optimizer.schedule = "cosine"
+  c.optimizer.end_lr_factor = 0.1
+  sched = optim.make_schedule(c.optimizer, c.total_steps)
+  lr = c.optimizer.lr
+  assert float(sched(0)) == 0.0
+  assert abs(float(sched(5)) - lr / 2) < 1e-7
+  assert abs(float(sched(10)) - lr) < 1e-7
+  assert abs(float(sched(60)) - lr * 0.55) < 1e-6  # half-way through the cosine: (1 + 0.1) / 2
+  assert abs(float(sched(110)) - lr * 0.1) < 1e-7
+  c.optimizer.schedule = "constant"
+  assert abs(float(optim.make_schedule(c.optimizer, c.total_steps)(100)) - lr) < 1e-7

@@ -24,6 +24,7 @@ def image_run(tmp_path_factory):
   config.eval_noise_draws = 1
   config.sample_every_steps = 30
   config.sampling.num_steps = 2
+  config.checkpoint_every_steps = 0  # the final checkpoint only
   return workdir, train.train_and_evaluate(config, str(workdir))
 
 
@@ -52,6 +53,7 @@ def test_base_stage_trains_temporal_layers_only(image_run, tmp_path):
   config.eval_every_steps = 20
   config.eval_noise_draws = 1
   config.sample_every_steps = 0
+  config.checkpoint_every_steps = 0
   res = train.train_and_evaluate(config, str(tmp_path))
   first, last = res.eval_history[0], res.eval_history[-1]
   assert last["eval_loss"] < first["eval_loss"], res.eval_history

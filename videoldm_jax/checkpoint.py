@@ -29,8 +29,6 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -324,15 +322,15 @@ class PreemptionWatcher:
     self.received = True
 
   def should_stop(self, step: int) -> bool:
-    if self.received:
-      return True
-    if jax.process_count() > 1:
-      try:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-      except (RuntimeError, AttributeError):
-        return False
-    return False
+    if jax.process_count() == 1:
+      return self.received
+    # Several processes: all must stop at the same step, so only JAX's preemption service decides (it also
+    # catches SIGTERM); a flag seen by one process alone would leave the others waiting in a collective.
+    try:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    except (RuntimeError, AttributeError):
+      return False
 
   def restore(self) -> None:
     if self._previous is not None:

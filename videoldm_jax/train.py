@@ -11,15 +11,12 @@ batch, preview samples, checkpoints and preemption handling.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import time
 from typing import Any, Dict, List, Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from etils import epath

@@ -14,7 +14,7 @@ import os
 import socket
 import struct
 import time
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 

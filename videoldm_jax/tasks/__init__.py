@@ -4,13 +4,16 @@ A task owns everything stage-specific; ``train.py`` is one generic loop over it.
 
 * ``init(rng) -> params``: the full param tree (frozen + trainable), boxed with logical axes
   (``nn.Partitioned`` leaves) so ``jax.eval_shape(task.init, rng)`` gives shapes *and* shardings.
-* ``input_pipeline(mesh, start_index=0) -> iterator`` of global batches with ``get_state`` / ``set_state``.
-* ``loss_fn(trainable, frozen, batch, rng) -> (loss, aux_metrics)``.
+* ``input_pipeline(mesh) -> iterator`` of global batches with ``get_state`` / ``set_state`` (checkpointed).
+* ``fixed_batch(mesh) -> batch``: deterministic batch for the evaluation loss and the sample conditioning.
+* ``loss_fn(trainable, frozen, batch, rng) -> (loss, aux_metrics)``; ``eval_loss(trainable, frozen, batch, rng)``.
 * ``train_step(state, frozen, batch, rng) -> (state, metrics)`` (default: ``optim.default_train_step``).
 * ``sample_fn(trainable, frozen, batch, rng) -> uint8 videos [b, t, h, w, 3]`` for previews.
-* ``validate(config)`` (checks that need the stage; raise ``ValueError`` naming the config key).
-* ``tx``, ``schedule``: the optimizer over trainable params.
+* ``validate(config)`` (checks that need the stage; raise ``ValueError`` naming the config key) and
+  ``needs_model_init`` (the run is refused without ``config.model_init`` outside runlocal).
+* ``tx``, ``schedule``: the optimizer over trainable params and its learning-rate schedule.
 
+``tasks.common.TaskDefaults`` provides ``tx``, ``train_step`` and ``eval_loss`` from ``loss_fn``.
 Stages are registered by module on first ``get`` so importing the package stays cheap.
 """
 
@@ -25,6 +28,7 @@ _REGISTRY: Dict[str, Callable] = {}
 _MODULES: Dict[str, str] = {
     "image": "latent_diffusion",
     "base": "latent_diffusion",
+    "autoencoder": "autoencoder",
 }
 
 

@@ -7,7 +7,7 @@ Stages with other step structures (two optimizers for the decoder) override ``tr
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Dict, Tuple
 
 import jax
 import jax.numpy as jnp

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-from typing import Any, Dict, Optional, Sequence, Tuple
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
 
 import einops
 import flax.linen as nn
@@ -177,7 +178,6 @@ class LatentDiffusionTask(TaskDefaults):
     if config.model_init:
       self._check_converted(config)
     if config.data.source == data_pipeline.LATENTS and config.data.data_dir:
-      import json, os  # pylint: disable=g-import-not-at-top,multiple-imports
       info_path = os.path.join(config.data.data_dir, data_pipeline.LATENT_INFO_FILE)
       if os.path.exists(info_path):
         stored = json.load(open(info_path)).get("num_frames")
@@ -188,7 +188,6 @@ class LatentDiffusionTask(TaskDefaults):
   @staticmethod
   def _check_converted(config) -> None:
     """A converted SD checkpoint records its prediction type: training another target would silently fail."""
-    import json, os  # pylint: disable=g-import-not-at-top,multiple-imports
     path = os.path.join(config.model_init, "config.json")
     if not os.path.exists(path) or os.path.exists(os.path.join(config.model_init, "checkpoints")):
       return

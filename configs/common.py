@@ -9,7 +9,7 @@ checked against the dataclass / pipeline they configure by the task.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import ml_collections
 
@@ -19,7 +19,7 @@ ConfigDict = ml_collections.ConfigDict
 
 # Sub-dicts whose keys are checked elsewhere (model dataclass fields, data pipeline options).
 FREE_FORM = ("model.unet_overrides", "model.vae_overrides", "model.text_overrides", "model.temporal",
-             "mesh.extra_rules")
+             "mesh.extra_rules", "autoencoder.discriminator", "autoencoder.disc_optimizer")
 
 
 def parse_arg(arg: Optional[str], **defaults) -> ConfigDict:
@@ -95,6 +95,19 @@ def base_config() -> ConfigDict:
   c.diffusion = ConfigDict(dict(
       schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
       prediction="eps",        # eps | v   (conditioning dropout for CFG: config.data.cond_drop_prob)
+  ))
+  # Stage ``autoencoder`` (videoldm_jax/tasks/autoencoder.py): KL-VAE losses, LPIPS weight files, PatchGAN.
+  c.autoencoder = ConfigDict(dict(
+      kl_weight=1e-6,          # LDM KL-f8 values; losses are sums over pixels, means over the batch
+      perceptual_weight=1.0,   # LPIPS weight (0 in effect while lpips_vgg / lpips_lin are empty)
+      lpips="vgg16",           # LPIPSConfig preset
+      lpips_vgg="",            # torchvision vgg16 state dict (.pth / .safetensors), e.g. vgg16-397923af.pth
+      lpips_lin="",            # lpips package weights/v0.1/vgg.pth (linear heads)
+      disc_weight=0.5,         # 0: no discriminator at all
+      disc_start=50001,        # first step with the adversarial loss / discriminator updates
+      disc_loss="hinge",       # hinge | vanilla
+      discriminator={},        # DiscriminatorConfig overrides (ndf, n_layers, norm, ...)
+      disc_optimizer={},       # overrides of config.optimizer for the discriminator (lr, warmup_steps, ...)
   ))
   c.sampling = ConfigDict(dict(num_steps=25, guidance_scale=5.0, num_samples=4, eta=0.0, fps=4.0))
 
@@ -202,6 +215,54 @@ def runlocal(config: ConfigDict) -> ConfigDict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Chains: several stages trained one after the other, each initialised from the previous ones.
+# ---------------------------------------------------------------------------------------------------------------
+
+CHAIN = "chain"
+
+
+def chain_config(get_config, stages: Sequence[str], args: ConfigDict, sample_videos: int = 4) -> ConfigDict:
+  """A config that trains ``stages`` in order (``videoldm_jax.train.train_chain``).
+
+  ``get_config`` is the pipeline's own config function; each stage's config is ``get_config("stage=S,<args>")``
+  with the other ``args`` of the chain (``runlocal``, ...) and lives in ``config.stages.S`` (override on the
+  command line as ``--config.stages.base.total_steps=10``). Stage S trains in ``WORKDIR/S``; its
+  ``model_init``, when empty, becomes the previous stage's workdir (which in turn names its own sources), so the
+  last stage sees every earlier result. ``sample_videos`` videos of the last stage are written under WORKDIR.
+  """
+  rest = ",".join(f"{k}={args[k]}" for k in args if k != "stage")
+  c = ConfigDict()
+  c.stage = CHAIN
+  c.chain = tuple(stages)
+  c.stages = ConfigDict({s: get_config(f"stage={s},{rest}") for s in stages})
+  c.sample_videos = sample_videos
+  return c
+
+
+def is_chain(config) -> bool:
+  return config.get("stage") == CHAIN
+
+
+def validate_chain(config: ConfigDict) -> None:
+  """Checks the chain's stage list and every stage config (before the first stage starts training)."""
+  if not config.chain:
+    raise ValueError("config.chain is empty: name the stages to train in order")
+  for s in config.chain:
+    if s not in config.stages:
+      raise ValueError(f"config.chain names stage {s!r} but config.stages has no entry for it "
+                       f"(has: {sorted(config.stages)})")
+    sub = config.stages[s]
+    try:
+      validate(sub)
+    except ValueError as e:
+      raise ValueError(f"config.stages.{s}: {e}") from None
+    if sub.stage != s:
+      raise ValueError(f"config.stages.{s}.stage={sub.stage!r} differs from its name in the chain")
+  if int(config.sample_videos) < 0:
+    raise ValueError(f"config.sample_videos={config.sample_videos} must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Validation.
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -222,6 +283,7 @@ _CHOICES = {
     "model.conditioning": ("text", "labels", "none"),
     "mesh.rules": ("data_parallel", "fsdp", "fsdp_tensor"),
     "distributed": ("auto", "none", "force"),
+    "autoencoder.disc_loss": ("hinge", "vanilla"),
 }
 
 

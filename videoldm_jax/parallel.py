@@ -56,7 +56,8 @@ def initialize_distributed(config=None) -> None:
   ``config.distributed`` (default ``"auto"``):
     * ``"none"``: never initialise.
     * ``"auto"``: GPU/CPU clusters when ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
-      are set; multi-host TPU VMs (``TPU_WORKER_HOSTNAMES`` lists several hosts, or ``MEGASCALE_COORDINATOR_ADDRESS``
+      are set (with ``JAX_PLATFORMS=cpu`` the CPU processes use gloo collectives: ``videoldm_jax.local_cluster``
+      starts such a cluster on one machine); multi-host TPU VMs (``TPU_WORKER_HOSTNAMES`` lists several hosts, or ``MEGASCALE_COORDINATOR_ADDRESS``
       is set) by JAX's own TPU auto-detection; SLURM / Open MPI jobs the same way. Single-process runs: no-op.
     * ``"force"``: always call ``jax.distributed.initialize()`` with auto-detection.
   Must run before anything touches a JAX backend (``jax.devices()`` etc.).
@@ -68,6 +69,9 @@ def initialize_distributed(config=None) -> None:
   if mode == "force":
     jax.distributed.initialize()
   elif "JAX_COORDINATOR_ADDRESS" in env and "JAX_NUM_PROCESSES" in env:
+    if env.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+      # CPU processes exchange data through gloo (TCP); the default CPU backend has no cross-process collectives.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                                num_processes=int(env["JAX_NUM_PROCESSES"]),
                                process_id=int(env.get("JAX_PROCESS_ID", "0")))

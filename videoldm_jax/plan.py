@@ -1,26 +1,47 @@
-r"""Parameter and optimizer-memory plan of a training config, from shapes only (nothing is allocated).
+r"""Plan a training run before paying for it: parameters and optimizer memory, then the real train step compiled
+for a Cloud TPU slice on this machine (a CPU host is enough; needs ``libtpu``, see ``videoldm_jax/aot.py``).
 
+  # parameter summary (shapes only)
   python -m videoldm_jax.plan --config=configs/webvid.py:stage=base,variant=sd15 [--json]
+  # compile the stage's train step for a slice: per-device HBM, fit, FLOPs, compiler step-time estimate, MFU
+  python -m videoldm_jax.plan --config=configs/webvid.py:stage=base,variant=sd15 --topology=v5p-8 \
+      --per_device_batch=2 [--num_slices=2] [--inputs=latents|pixels] [--json] [--config.dtype=bfloat16 ...]
+  # try per-device batch x remat x mesh presets, print every plan and the best one that fits
+  python -m videoldm_jax.plan --config=... --topology=v5p-8 --search
 
-Prints total / trainable / frozen parameter counts (per top-level component, with the temporal share of the
-U-Net), and the bytes implied by the freeze mask ``config.trainable``: fp32 trainable params, optimizer state
-(built by the run's own optimizer on the trainable tree only), the EMA copy and the frozen params.
+Without ``--topology`` it prints total / trainable / frozen parameter counts (per top-level component, with the
+temporal share of the U-Net) and the bytes implied by the freeze mask ``config.trainable``: fp32 trainable params,
+optimizer state (built by the run's own optimizer on the trainable tree only), the EMA copy and the frozen params.
+
+With ``--topology`` the train step is the one ``train.py`` compiles: the task's ``train_step`` jitted with the
+config's logical-axis shardings on the mesh the config's ``ici_*``/``dcn_*`` knobs make of the slice's devices,
+state donated, on abstract inputs (nothing is allocated). The batch is ``per_device_batch`` x the data-parallel
+size (data x fsdp); default: the config's global ``batch_size``. ``--inputs=latents`` (default) feeds pre-encoded
+latents (what full-size runs train on, see data_pipelines/encode_latents.py); ``pixels`` includes the frozen VAE
+encoder in the step. Numbers are per device: ``peak`` is the compiler's peak HBM; FLOPs are *model* FLOPs (the
+step without rematerialisation, counted on the unpartitioned program, divided by the device count); the step time
+is the TPU compiler's own estimate (``optimal_seconds``), so MFU is an estimate, not a measurement.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import os
 import re
 import sys
-from typing import Any, Dict
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
-from absl import app, flags
+import jax.numpy as jnp
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import common
-from videoldm_jax import optim, tasks
+from videoldm_jax import aot, checkpoint, optim, parallel, tasks
 
 FLAGS = flags.FLAGS
 
@@ -86,17 +107,242 @@ def format_table(p: Dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The train step on a TPU slice.
+# ---------------------------------------------------------------------------------------------------------------
+
+INPUTS = ("latents", "pixels")
+
+
+def _sds(shape, dtype, sharding=None) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(tuple(int(d) for d in shape), jnp.dtype(dtype), sharding=sharding)
+
+
+def abstract_batch(config, task, batch_size: int, inputs: str = "latents") -> Dict[str, Any]:
+  """Unsharded ``ShapeDtypeStruct`` batch as the task's input pipeline yields it (global ``batch_size``).
+
+  A task may define ``abstract_batch(batch_size, inputs)``; otherwise the latent-diffusion layout: ``latents``
+  ``[b, t, h/f, w/f, c]`` (or ``video`` ``[b, t, h, w, 3]``), ``caption_ids`` / ``labels``, ``cond_mask``.
+  """
+  if inputs not in INPUTS:
+    raise ValueError(f"inputs={inputs!r}: expected one of {INPUTS}")
+  if hasattr(task, "abstract_batch"):
+    return task.abstract_batch(batch_size, inputs)
+  if not hasattr(task, "vae_config") or not hasattr(task, "unet_config"):
+    raise ValueError(f"stage {config.stage!r}: the planner needs the task to define abstract_batch(batch_size, "
+                     "inputs)")
+  b, t = int(batch_size), int(config.data.num_frames)
+  h, w = int(config.data.height), int(config.data.width)
+  vc = task.vae_config
+  if inputs == "latents":
+    f = vc.downsample_factor
+    batch = {"latents": _sds((b, t, h // f, w // f, vc.latent_channels), jnp.float32)}
+  else:
+    batch = {"video": _sds((b, t, h, w, 3), jnp.float32)}
+  if getattr(task, "text_encoder", None) is not None:
+    batch["caption_ids"] = _sds((b, 77), jnp.int32)
+  if getattr(task, "label_encoder", None) is not None:
+    batch["labels"] = {k: _sds((b,), jnp.int32) for k in task.label_encoder.fields}
+  batch["cond_mask"] = _sds((b,), jnp.float32)
+  return batch
+
+
+def _shard_batch(batch, mesh):
+  return jax.tree.map(lambda x: _sds(x.shape, x.dtype, parallel.batch_sharding(mesh, len(x.shape))), batch)
+
+
+def abstract_train_inputs(config, task, mesh, rules, batch_size: int, inputs: str = "latents"):
+  """``(state, frozen, batch, rng)`` as sharded ``ShapeDtypeStruct``s plus ``(state_sh, frozen_sh)``: exactly the
+  arguments and shardings ``train.py`` compiles its step with (see ``checkpoint.restore_or_init``)."""
+  rng = jax.random.key(int(config.seed), impl="rbg")
+  boxed = jax.eval_shape(task.init, rng)
+  shardings = parallel.param_shardings(boxed, mesh, rules)
+  shapes = nn.meta.unbox(boxed)
+  train_shapes, frozen_shapes = optim.split(shapes, config.trainable)
+  train_sh, frozen_sh = optim.split(shardings, config.trainable)
+  if not jax.tree.leaves(train_shapes):
+    raise ValueError(f"config.trainable={config.trainable!r} matches no parameter")
+  ema = bool(config.get("ema_decay", 0.0))
+  abstract_state = jax.eval_shape(lambda p: optim.init_state(p, task.tx, ema), train_shapes)
+  state_sh = checkpoint.state_shardings(task.tx, abstract_state, train_sh, mesh)
+  with_sh = lambda tree, sh: jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), tree, sh)
+  state = with_sh(abstract_state, state_sh)
+  frozen = with_sh(frozen_shapes, frozen_sh)
+  batch = _shard_batch(abstract_batch(config, task, batch_size, inputs), mesh)
+  step_rng = _sds((2,), jnp.uint32, parallel.replicated(mesh))  # jax.random.PRNGKey(seed), as train.run_rngs
+  return (state, frozen, batch, step_rng), (state_sh, frozen_sh)
+
+
+def lower_train_step(config, task, mesh, batch_size: int, inputs: str = "latents"):
+  """``jax.stages.Lowered`` of ``task.train_step`` on ``mesh``, sharded and donated as in ``train.py``."""
+  rules = parallel.logical_rules(config)
+  args, (state_sh, frozen_sh) = abstract_train_inputs(config, task, mesh, rules, batch_size, inputs)
+  batch_sh = jax.tree.map(lambda x: x.sharding, args[2])
+  repl = parallel.replicated(mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = jax.jit(task.train_step, in_shardings=(state_sh, frozen_sh, batch_sh, repl),
+                   out_shardings=(state_sh, repl), donate_argnums=0)
+    return step.lower(*args)
+
+
+def set_remat(config, remat: bool):
+  """The U-Net's rematerialisation switch (``UNetConfig.remat``: every ResNet / transformer block)."""
+  config.model.unet_overrides = dict(config.model.unet_overrides or {}, remat=bool(remat))
+  return config
+
+
+def _remat_of(config) -> bool:
+  return bool((config.model.unet_overrides or {}).get("remat", False))
+
+
+def model_flops(config, batch_size: int, inputs: str = "latents") -> Optional[float]:
+  """FLOPs of one train step of the whole global batch, without rematerialisation: XLA's count on the
+  unpartitioned program lowered for this host (no compile). Divide by the device count for per-device."""
+  config = set_remat(_copy(config), False)
+  task = tasks.get(config.stage)(config)
+  # The abstract arguments without shardings: the same computation as one device would run it.
+  boxed = jax.eval_shape(task.init, jax.random.key(0, impl="rbg"))
+  train_shapes, frozen_shapes = optim.split(nn.meta.unbox(boxed), config.trainable)
+  ema = bool(config.get("ema_decay", 0.0))
+  state = jax.eval_shape(lambda p: optim.init_state(p, task.tx, ema), train_shapes)
+  batch = abstract_batch(config, task, batch_size, inputs)
+  strip = lambda t: jax.tree.map(lambda x: _sds(x.shape, x.dtype), t)
+  with nn.logical_axis_rules(()):
+    traced = jax.jit(task.train_step).trace(strip(state), strip(frozen_shapes), batch, _sds((2,), jnp.uint32))
+  return aot.cost_numbers(traced.lower(lowering_platforms=("cpu",)))[0]
+
+
+def _copy(config):
+  c = copy.deepcopy(config)
+  if hasattr(c, "unlock"):
+    c.unlock()
+  return c
+
+
+@dataclasses.dataclass
+class SlicePlan:
+  """One planned configuration on one slice."""
+  label: str
+  per_device_batch: int
+  global_batch: int
+  remat: bool
+  rules: str
+  mesh: Dict[str, int]
+  report: aot.CompileReport
+  compile_seconds: float
+
+  def to_dict(self) -> Dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["report"] = self.report.to_dict()
+    return d
+
+
+def plan_on_topology(config, topology: str, *, num_slices: int = 1, per_device_batch: Optional[int] = None,
+                     inputs: str = "latents", remat: Optional[bool] = None, rules: Optional[str] = None,
+                     with_model_flops: bool = True) -> SlicePlan:
+  """Compiles ``config``'s train step for ``num_slices`` x ``topology`` and reports per-device memory and speed.
+
+  ``per_device_batch`` (per data-parallel replica, i.e. per device of the ``data x fsdp`` axes; default: the
+  config's global ``batch_size``), ``remat`` (U-Net blocks) and ``rules`` (``parallel.RULES`` preset) override the
+  config. Out of memory gives ``report.fits == False`` with the sizes, not an exception.
+  """
+  config = _copy(config)
+  if remat is not None:
+    set_remat(config, remat)
+  if rules is not None:
+    config.mesh.rules = rules
+  config.mesh.num_slices = int(num_slices)
+  common.validate(config)
+  devices = aot.topology_devices(topology, num_slices)
+  mesh = parallel.make_mesh(config, devices)
+  dp = parallel.data_parallel_size(mesh)
+  if per_device_batch is not None:
+    config.batch_size = int(per_device_batch) * dp
+  common.validate_for_mesh(config, dp)
+  task = tasks.get(config.stage)(config)
+  t0 = time.time()
+  lowered = lower_train_step(config, task, mesh, int(config.batch_size), inputs)
+  report = aot.compile_report(lowered, topology, num_slices)
+  seconds = time.time() - t0
+  if with_model_flops and report.fits:
+    total = model_flops(config, int(config.batch_size), inputs)
+    report.model_flops = None if total is None else total / len(devices)
+  pdb = int(config.batch_size) // dp
+  label = f"{config.stage} b{pdb}/dev{' remat' if _remat_of(config) else ''} {config.mesh.rules}"
+  return SlicePlan(label=label, per_device_batch=pdb, global_batch=int(config.batch_size), remat=_remat_of(config),
+                   rules=str(config.mesh.rules), mesh={k: int(v) for k, v in mesh.shape.items()}, report=report,
+                   compile_seconds=seconds)
+
+
+def search(config, topology: str, *, num_slices: int = 1, inputs: str = "latents",
+           batches: Sequence[int] = (1, 2, 4, 8, 16, 32), remats: Sequence[bool] = (False, True),
+           rules: Sequence[str] = ("fsdp", "data_parallel"), log=print) -> Tuple[List[SlicePlan], Optional[SlicePlan]]:
+  """Per-device batch x remat x mesh preset. For each (preset, remat) the batch grows until it no longer fits.
+  Returns every plan tried and the fitting plan with the highest estimated MFU (ties: larger batch)."""
+  plans: List[SlicePlan] = []
+  for preset in rules:
+    for remat in remats:
+      for b in batches:
+        p = plan_on_topology(config, topology, num_slices=num_slices, per_device_batch=b, inputs=inputs,
+                             remat=remat, rules=preset)
+        plans.append(p)
+        log(f"{p.label:<40} {p.report.summary()}  [{p.compile_seconds:.0f}s]")
+        if not p.report.fits:
+          break
+  fitting = [p for p in plans if p.report.fits]
+  best = max(fitting, key=lambda p: (p.report.mfu or 0.0, p.per_device_batch), default=None)
+  return plans, best
+
+
+def format_plans(plans: Iterable[SlicePlan]) -> str:
+  return aot.format_reports([(p.label, p.report) for p in plans])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  p = plan(FLAGS.config)
-  sys.stdout.write((json.dumps(p, indent=2) if FLAGS.json else format_table(p)) + "\n")
+  if not FLAGS.topology:
+    p = plan(FLAGS.config)
+    sys.stdout.write((json.dumps(p, indent=2) if FLAGS.json else format_table(p)) + "\n")
+    return
+  # Compile-only TPU devices come from libtpu; the host itself runs JAX on CPU (no TPU needed, none used).
+  if "JAX_PLATFORMS" not in os.environ:
+    jax.config.update("jax_platforms", "cpu")
+  if not aot.libtpu_available():
+    raise app.UsageError("--topology needs libtpu: pip install 'jax[tpu]' (x86_64 Linux)")
+  config = FLAGS.config
+  if FLAGS.search:
+    plans, best = search(config, FLAGS.topology, num_slices=FLAGS.num_slices, inputs=FLAGS.inputs,
+                         log=lambda line: logging.info("%s", line))
+  else:
+    plans = [plan_on_topology(config, FLAGS.topology, num_slices=FLAGS.num_slices,
+                              per_device_batch=FLAGS.per_device_batch, inputs=FLAGS.inputs)]
+    best = plans[0] if plans[0].report.fits else None
+  if FLAGS.json:
+    out = {"topology": FLAGS.topology, "num_slices": FLAGS.num_slices, "inputs": FLAGS.inputs,
+           "plans": [p.to_dict() for p in plans], "best": best.to_dict() if best else None}
+    sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    return
+  lines = [format_plans(plans), ""]
+  for p in plans if not FLAGS.search else ([best] if best else []):
+    lines.append(f"{p.label} on {FLAGS.num_slices} x {FLAGS.topology} (mesh {p.mesh}, global batch "
+                 f"{p.global_batch}): {p.report.summary()}")
+  if FLAGS.search:
+    lines.append(f"best: {best.label}, global batch {best.global_batch}: {best.report.summary()}" if best
+                 else "no tried plan fits")
+  sys.stdout.write("\n".join(lines) + "\n")
 
 
 def define_flags() -> None:
   """Command-line flags (defined only when run as a program, so importing this module has no side effects)."""
   config_flags.DEFINE_config_file("config", None, "Training config file (path[:args]).", lock_config=True)
   flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
+  flags.DEFINE_string("topology", None, "TPU slice to compile for (v5p-8, v5p-128, v5e-256, v6e-256, v4-32, ...); "
+                      "without it only the parameter summary is printed.")
+  flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice over DCN).")
+  flags.DEFINE_integer("per_device_batch", None, "Clips per data-parallel device (default: config.batch_size).")
+  flags.DEFINE_enum("inputs", "latents", list(INPUTS), "Pre-encoded latents or pixels (VAE encoder in the step).")
+  flags.DEFINE_bool("search", False, "Try per-device batch x remat x mesh presets; print the best plan that fits.")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,14 @@
-r"""Sampling from converted / trained models.
+r"""Sampling from trained workdirs and converted checkpoints.
+
+Videos from a training workdir (a chain such as ``configs/rds.py:runlocal``, or a single stage's workdir): loads
+the stage's params (EMA when saved, frozen parts from where the run took them), runs the stage's own ``sample_fn``
+(DDIM + classifier-free guidance on its conditioning: labels for RDS, captions for text) and decodes with the VAE::
+
+  python -m videoldm_jax.sample --workdir=/tmp/videoldm_rds --num_samples=8 --guidance=2 --steps=25 --seed=1
+  python -m videoldm_jax.sample --workdir=/tmp/videoldm_rds --stage=image --labels=day_night=1,crowdedness=4
+
+writes ``OUTPUT.mp4`` and ``OUTPUT.gif`` (the videos tiled in a grid) and ``OUTPUT.png`` (contact sheet: one row per
+video, one column per frame); ``--output`` defaults to ``WORKDIR/sample``.
 
 Text-to-image with a converted Stable Diffusion (DDIM + classifier-free guidance)::
 
@@ -11,7 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -89,26 +99,261 @@ def save_image_grid(images: np.ndarray, path: str) -> None:
   Image.fromarray(grid).save(path)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Videos from a training workdir.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _tuples(value):
+  """JSON lists back to the tuples the configs hold (dicts become ConfigDicts in the caller)."""
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def load_run_config(workdir: str):
+  """The ``config.json`` a training run wrote into ``workdir``, as a ConfigDict."""
+  import json  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir!r} has no config.json: not a training workdir")
+  with open(path) as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
+def resolve_stage(workdir: str, stage: Optional[str] = None) -> str:
+  """The workdir of ``stage`` (default: the last stage) inside a chain's workdir, or ``workdir`` itself when it
+  is one stage's workdir."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = load_run_config(workdir)
+  if common.is_chain(config):
+    chain = tuple(config.chain)
+    stage = stage or chain[-1]
+    if stage not in chain:
+      raise ValueError(f"--stage={stage!r}: the chain in {workdir} has stages {chain}")
+    return os.path.join(workdir, stage)
+  if stage and stage != config.stage:
+    raise ValueError(f"--stage={stage!r}: {workdir} is the workdir of stage {config.stage!r}")
+  return workdir
+
+
+def load_trained(stage_dir: str, config, mesh) -> Tuple[Any, Any, Any]:
+  """``(task, trainable, frozen)`` of a trained stage: trainable params from its latest checkpoint (EMA when
+  saved), frozen params from its ``frozen/`` or the ``model_init`` it was started from, sharded over ``mesh``."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from videoldm_jax import checkpoint, optim, parallel, tasks  # pylint: disable=g-import-not-at-top
+  task = tasks.get(config.stage)(config)
+  boxed = jax.eval_shape(task.init, jax.random.key(0, impl="rbg"))
+  shardings = parallel.param_shardings(boxed, mesh, parallel.logical_rules(config))
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
+                          shardings)
+  loaded = checkpoint.load_model_init(stage_dir, optim.flat_paths(abstract), missing_ok="", use_ema=True)
+  trainable, frozen = optim.split(traverse_util.unflatten_dict(loaded, sep=optim.SEP), config.trainable)
+  return task, trainable, frozen
+
+
+def _parse_labels(text: str) -> Dict[str, int]:
+  out = {}
+  for item in filter(None, (t.strip() for t in (text or "").split(","))):
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ValueError(f"--labels item {item!r}: expected name=int")
+    out[key] = int(value)
+  return out
+
+
+def _host(tree):
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def generate(task, trainable, frozen, batch, *, num_samples: int, batch_size: int = 1, seed: int = 0,
+             progress: bool = True) -> np.ndarray:
+  """``num_samples`` videos uint8 ``[n, t, h, w, 3]`` from ``task.sample_fn``, ``batch_size`` per call (one
+  compile), conditioned on the first ``num_samples`` rows of the host ``batch``; video i uses noise from
+  ``fold_in(PRNGKey(seed), i // batch_size)``."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  n, bs = int(num_samples), max(1, min(int(batch_size), int(num_samples)))
+  task.config.sampling.num_samples = bs  # read by sample_fn when it is traced
+  fn = jax.jit(task.sample_fn)
+  key = jax.random.PRNGKey(seed)
+  out = []
+  with tqdm(total=n, unit="video", desc="sampling", disable=not progress or jax.process_index() != 0) as bar:
+    for i in range(0, n, bs):
+      idx = np.arange(i, i + bs) % n  # the last call is padded with earlier conditions and trimmed
+      chunk = jax.tree.map(lambda x: x[idx], batch)
+      videos = _host(fn(trainable, frozen, chunk, jax.random.fold_in(key, i // bs)))
+      out.append(videos[:min(bs, n - i)])
+      bar.update(len(out[-1]))
+  return np.concatenate(out)
+
+
+def _upscale(frames: np.ndarray, factor: int) -> np.ndarray:
+  """Nearest-neighbour upscaling of the two axes before the channel axis."""
+  if factor <= 1:
+    return frames
+  return np.repeat(np.repeat(frames, factor, axis=-3), factor, axis=-2)
+
+
+def tile_videos(videos: np.ndarray, cols: Optional[int] = None, gap: int = 2) -> np.ndarray:
+  """``[n, t, h, w, 3]`` -> ``[t, H, W, 3]``: the videos in a grid (``cols`` columns, ~square by default)."""
+  n, t, h, w, c = videos.shape
+  cols = cols or int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / cols))
+  grid = np.full((t, rows * (h + gap) - gap, cols * (w + gap) - gap, c), 255, np.uint8)
+  for i in range(n):
+    r, k = divmod(i, cols)
+    grid[:, r * (h + gap):r * (h + gap) + h, k * (w + gap):k * (w + gap) + w] = videos[i]
+  return grid
+
+
+def contact_sheet(videos: np.ndarray, gap: int = 2) -> np.ndarray:
+  """``[n, t, h, w, 3]`` -> one image: a row per video, a column per frame."""
+  n, t, h, w, c = videos.shape
+  sheet = np.full((n * (h + gap) - gap, t * (w + gap) - gap, c), 255, np.uint8)
+  for i in range(n):
+    for j in range(t):
+      sheet[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = videos[i, j]
+  return sheet
+
+
+def write_mp4(frames: np.ndarray, path: str, fps: float) -> None:
+  """``[t, h, w, 3]`` uint8 -> H.264 mp4 (PyAV; MPEG-4 part 2 where libx264 is missing). Odd sizes are padded
+  by one pixel (4:2:0 chroma needs even sizes)."""
+  import av  # pylint: disable=g-import-not-at-top
+  from fractions import Fraction  # pylint: disable=g-import-not-at-top
+  t, h, w, _ = frames.shape
+  frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+  codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+  with av.open(path, "w") as container:
+    stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    if codec == "libx264":
+      stream.options = {"crf": "12"}
+    for f in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
+    container.mux(stream.encode())
+
+
+def write_outputs(videos: np.ndarray, output: str, fps: float, upscale: int = 0) -> Dict[str, str]:
+  """``OUTPUT.mp4`` / ``OUTPUT.gif`` (grid of the videos) and ``OUTPUT.png`` (contact sheet). ``upscale`` 0:
+  nearest-neighbour to at least 128 px high (the runlocal models make 32 px frames)."""
+  from videoldm_jax import writers  # pylint: disable=g-import-not-at-top
+  factor = upscale or max(1, int(np.ceil(128 / videos.shape[2])))
+  videos = _upscale(videos, factor)
+  root, ext = os.path.splitext(output)
+  output = root if ext.lower() in (".mp4", ".gif", ".png") else output
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  grid = tile_videos(videos)
+  paths = {"mp4": output + ".mp4", "gif": output + ".gif", "png": output + ".png"}
+  write_mp4(grid, paths["mp4"], fps)
+  with open(paths["gif"], "wb") as f:
+    f.write(writers.encode_gif(grid, fps))
+  with open(paths["png"], "wb") as f:
+    f.write(writers.encode_png(contact_sheet(videos)))
+  return paths
+
+
+def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: int = 4, batch_size: int = 1,
+                   guidance: Optional[float] = None, steps: Optional[int] = None, seed: int = 0,
+                   labels: Optional[Dict[str, int]] = None, prompt: Optional[str] = None,
+                   output: Optional[str] = None, upscale: int = 0, progress: bool = True) -> Dict[str, Any]:
+  """Samples ``num_samples`` videos of a trained stage and writes them (see the module docstring).
+
+  The conditioning comes from the stage's fixed evaluation batch (its data config, no dropout): for RDS the
+  day/night and crowdedness labels of held-out synthetic scenes, overridden by ``labels``; for text stages their
+  captions, overridden by ``prompt``. Returns the written paths plus ``videos`` ``[n, t, h, w, 3]`` uint8.
+  """
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from videoldm_jax import parallel  # pylint: disable=g-import-not-at-top
+  stage_dir = resolve_stage(workdir, stage)
+  config = load_run_config(stage_dir)
+  config.mesh = common.mesh_defaults()  # the training mesh may not fit this machine: data parallel over it
+  if guidance is not None:
+    config.sampling.guidance_scale = float(guidance)
+  if steps is not None:
+    config.sampling.num_steps = int(steps)
+  mesh = parallel.make_mesh(config)
+  dp = parallel.data_parallel_size(mesh)
+  config.batch_size = int(np.ceil(num_samples / dp)) * dp
+  task, trainable, frozen = load_trained(stage_dir, config, mesh)
+  batch = _host(task.fixed_batch(mesh))
+  for name, value in (labels or {}).items():
+    if name not in batch.get("labels", {}):
+      raise ValueError(f"--labels {name}={value}: stage {config.stage!r} has labels {sorted(batch.get('labels', {}))}")
+    batch["labels"][name] = np.full_like(batch["labels"][name], value)
+  if prompt is not None:
+    if getattr(task, "tokenize", None) is None or "caption_ids" not in batch:
+      raise ValueError(f"--prompt: stage {config.stage!r} is not text-conditioned")
+    batch["caption_ids"] = np.broadcast_to(task.tokenize(prompt), batch["caption_ids"].shape).copy()
+  videos = generate(task, trainable, frozen, batch, num_samples=num_samples, batch_size=batch_size, seed=seed,
+                    progress=progress)
+  paths = {}
+  if jax.process_index() == 0:
+    paths = write_outputs(videos, output or os.path.join(workdir, "sample"), float(config.sampling.fps), upscale)
+  return dict(paths, videos=videos, stage_dir=stage_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------------------------
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m videoldm_jax.sample", description=__doc__.split("\n")[0])
-  parser.add_argument("--checkpoint", required=True, help="output directory of videoldm_jax.convert")
-  parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+  mode = parser.add_mutually_exclusive_group(required=True)
+  mode.add_argument("--workdir", help="training workdir (a chain's or one stage's): write videos")
+  mode.add_argument("--checkpoint", help="output directory of videoldm_jax.convert: text-to-image")
+  parser.add_argument("--stage", default=None, help="workdir mode: which stage of a chain (default: the last)")
+  parser.add_argument("--num_samples", type=int, default=4, help="workdir mode: number of videos")
+  parser.add_argument("--batch_size", type=int, default=1, help="workdir mode: videos per sampler call")
+  parser.add_argument("--labels", default="", help="workdir mode: e.g. day_night=1,crowdedness=3 (RDS labels)")
+  parser.add_argument("--upscale", type=int, default=0, help="workdir mode: pixel repeat factor (0: >= 128 px)")
+  parser.add_argument("--prompt", action="append", help="text (repeat for a batch in checkpoint mode)")
   parser.add_argument("--negative_prompt", default="")
-  parser.add_argument("--steps", type=int, default=50)
-  parser.add_argument("--guidance", type=float, default=7.5)
+  parser.add_argument("--steps", type=int, default=None, help="DDIM steps (checkpoint mode: 50; workdir: config)")
+  parser.add_argument("--guidance", type=float, default=None, help="CFG scale (checkpoint mode: 7.5; workdir: "
+                      "config)")
   parser.add_argument("--eta", type=float, default=0.0)
   parser.add_argument("--height", type=int, default=512)
   parser.add_argument("--width", type=int, default=512)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--output", required=True, help="PNG path")
+  parser.add_argument("--output", default=None, help="checkpoint mode: PNG path (required); workdir mode: path "
+                      "without extension for .mp4/.gif/.png (default WORKDIR/sample)")
   args = parser.parse_args(argv)
+
+  if args.workdir:
+    if args.prompt and len(args.prompt) > 1:
+      parser.error("--prompt: one prompt in workdir mode (it conditions every video)")
+    try:
+      out = sample_workdir(args.workdir, stage=args.stage, num_samples=args.num_samples, batch_size=args.batch_size,
+                           guidance=args.guidance, steps=args.steps, seed=args.seed,
+                           labels=_parse_labels(args.labels), prompt=args.prompt[0] if args.prompt else None,
+                           output=args.output, upscale=args.upscale)
+    except (ValueError, FileNotFoundError) as e:
+      parser.error(str(e))
+    for kind in ("mp4", "gif", "png"):
+      if kind in out:
+        print(f"wrote {out[kind]}")
+    return 0
+
+  if not args.prompt:
+    parser.error("--prompt is required with --checkpoint")
+  if not args.output:
+    parser.error("--output is required with --checkpoint")
+  steps = 50 if args.steps is None else args.steps
+  guidance = 7.5 if args.guidance is None else args.guidance
   from videoldm_jax.convert import load_converted
   converted = load_converted(args.checkpoint)
   missing = {"unet", "vae", "text_encoder"} - set(converted.configs)
   if missing:
     parser.error(f"--checkpoint {args.checkpoint} lacks {sorted(missing)}; text-to-image needs a full pipeline")
   latents = text_to_image_latents(converted, args.prompt, negative_prompts=[args.negative_prompt] * len(args.prompt),
-                                  steps=args.steps, guidance_scale=args.guidance, eta=args.eta, height=args.height,
+                                  steps=steps, guidance_scale=guidance, eta=args.eta, height=args.height,
                                   width=args.width, rng=jax.random.PRNGKey(args.seed))
   save_image_grid(decode_latents(converted, latents), args.output)
   print(f"wrote {args.output}")

@@ -1,11 +1,13 @@
 r"""One generic training loop for every stage.
 
-  python -m videoldm_jax.train --config=configs/rds.py:stage=base,runlocal --workdir=/tmp/videoldm_rds
+  python -m videoldm_jax.train --config=configs/rds.py:stage=base,runlocal --workdir=/tmp/videoldm_rds_base
+  python -m videoldm_jax.train --config=configs/rds.py:runlocal --workdir=/tmp/videoldm_rds   # the whole chain
 
 Everything stage-specific (models, loss, conditioning, sampling, input pipeline) lives in the task
 (``videoldm_jax/tasks``); this file builds the mesh, materialises sharded state in the restore order of
 ``checkpoint.restore_or_init``, AOT-compiles the train step, and runs the loop with logging, evaluation on a fixed
 batch, preview samples, checkpoints and preemption handling.
+``train_chain`` runs a config's stages one after the other (each initialised from the previous ones).
 """
 
 from __future__ import annotations
@@ -259,6 +261,69 @@ def _write_samples(task, sample_fn, state, frozen, batch, rng, wd: epath.Path, s
   logging.info("Wrote samples %s", out / f"step_{step:07d}.gif")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Chains: the stages of a pipeline one after the other (configs.common.chain_config), each from the previous ones.
+# ---------------------------------------------------------------------------------------------------------------
+
+def finished(config, workdir: str) -> bool:
+  """True when ``workdir`` holds a checkpoint at (or past) ``config.total_steps``."""
+  if not (epath.Path(workdir) / "checkpoints").exists():
+    return False
+  ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), async_save=False)
+  try:
+    step = ckpt.latest_step()
+  finally:
+    ckpt.close()
+  return step is not None and step >= int(config.total_steps)
+
+
+def train_chain(config, workdir: str) -> Dict[str, Optional[TrainResult]]:
+  """Trains the stages of ``config.chain`` in order, stage S with ``config.stages.S`` in ``WORKDIR/S``.
+
+  An empty ``model_init`` of a stage becomes the previous stage's workdir (which names its own sources in turn),
+  so every stage starts from all earlier results. A stage already at its ``total_steps`` is skipped and an
+  interrupted one resumes, so rerunning the command continues the chain. Afterwards ``config.sample_videos``
+  videos of the last stage go to ``WORKDIR/sample.{mp4,gif,png}`` (``videoldm_jax.sample``; rewritten only when a
+  stage trained or they are missing). Returns ``{stage: TrainResult, or None when skipped}``; only the last
+  trained stage keeps its state in memory.
+  """
+  import copy  # pylint: disable=g-import-not-at-top
+  from videoldm_jax import sample  # pylint: disable=g-import-not-at-top  (sits on top of train as well)
+  common.validate_chain(config)
+  wd = epath.Path(workdir)
+  if jax.process_index() == 0:
+    _write_config(config, wd)
+  results: Dict[str, Optional[TrainResult]] = {}
+  previous = None
+  for name in config.chain:
+    stage_config = copy.deepcopy(config.stages[name])
+    if not stage_config.model_init and previous is not None:
+      stage_config.model_init = str(wd / previous)
+    stage_dir = str(wd / name)
+    if finished(stage_config, stage_dir):
+      logging.info("Chain: stage %r already finished in %s, skipped", name, stage_dir)
+      results[name] = None
+    else:
+      logging.info("Chain: stage %r in %s (model_init: %s)", name, stage_dir, stage_config.model_init or "none")
+      for done in results.values():  # device memory goes to the stage that trains now
+        if done is not None:
+          done.state = done.frozen = None
+      res = train_and_evaluate(stage_config, stage_dir)
+      results[name] = res
+      if res.preempted:
+        logging.warning("Chain stopped during stage %r; rerun the same command to continue", name)
+        return results
+    previous = name
+  outputs = [wd / f"sample.{k}" for k in ("mp4", "gif", "png")]
+  if config.sample_videos and (any(r is not None for r in results.values()) or not all(p.exists()
+                                                                                       for p in outputs)):
+    t0 = time.time()
+    out = sample.sample_workdir(str(wd), num_samples=int(config.sample_videos), batch_size=int(config.sample_videos))
+    logging.info("Chain: wrote %s, %s and %s in %.1fs", out.get("mp4"), out.get("gif"), out.get("png"),
+                 time.time() - t0)
+  return results
+
+
 def _quiet_library_logs() -> None:
   """Keeps orbax's per-save INFO chatter out of the training log (warnings and errors still show)."""
   import logging as pylogging  # pylint: disable=g-import-not-at-top
@@ -281,7 +346,10 @@ def main(argv):
   parallel.initialize_distributed(config)
   logging.info("JAX %s: %d devices (%s), %d processes", jax.__version__, jax.device_count(),
                jax.devices()[0].platform, jax.process_count())
-  train_and_evaluate(config, FLAGS.workdir)
+  if common.is_chain(config):
+    train_chain(config, FLAGS.workdir)
+  else:
+    train_and_evaluate(config, FLAGS.workdir)
 
 
 def define_flags() -> None:

@@ -138,6 +138,7 @@ class TemporalResBlock(nn.Module):
     if x.shape[-1] != self.features:
       raise ValueError(f"TemporalResBlock keeps the channel count: input has {x.shape[-1]}, features={self.features}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.with_logical_constraint(x, ("batch", "frames", None, None, None))
     h = layers.group_norm(name="norm1", num_groups=self.num_groups, epsilon=self.eps, **kw)(x)
     h = nn.silu(h)
     h = layers.conv(self.features, self.kernel_size, name="conv1", **kw)(h)

@@ -331,7 +331,7 @@ class ResnetBlock2D(nn.Module):
           zero_init=tc.zero_init, name="temporal_res", **kw)(video, frame_temb, deterministic=deterministic)
       video = temporal_lib.AlphaBlender(tc.merge_strategy, tc.merge_factor, name="temporal_mixer",
                                         param_dtype=self.param_dtype)(video, mixed, image_only_indicator)
-      out = einops.rearrange(video, "b t h w c -> (b t) h w c")
+      out = _constrain(einops.rearrange(video, "b t h w c -> (b t) h w c"))
     return out
 
 

@@ -49,24 +49,19 @@ from videoldm_jax.data import pipeline as data_pipeline
 from videoldm_jax.models import discriminator as disc_lib
 from videoldm_jax.models import lpips as lpips_lib
 from videoldm_jax.models import vae as vae_lib
+from videoldm_jax.models.layers import conv
 from videoldm_jax.tasks.common import TaskDefaults
 from videoldm_jax.tasks.latent_diffusion import DTYPES, vae_config
 
 DISC = "discriminator"
 LAST_LAYER = ("vae", "decoder", "conv_out", "kernel")  # the generator's last layer (adaptive GAN weight)
+LAST_NORM = ("decoder", "conv_norm_out")  # in the VAE: its output, after SiLU, is the input of that layer
 
 
 def _get(tree, path):
   for k in path:
     tree = tree[k]
   return tree
-
-
-def _set(tree, path, value):
-  """Copy of nested dict ``tree`` with the leaf at ``path`` replaced."""
-  if not path:
-    return value
-  return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
 
 
 _SHARED_ADAM = ("b1", "b2", "eps", "weight_decay")
@@ -175,12 +170,12 @@ class AutoencoderTask(TaskDefaults):
       logging.warning("config.autoencoder.lpips_vgg / lpips_lin are empty: training without the LPIPS term "
                       "(perceptual_weight %s ignored)", ac.perceptual_weight)
     self._lpips_weights = None  # converted lazily, once
-    super().__init__(config)
-    # Generator and discriminator optimizers in one optax transformation over the trainable tree (see
-    # ``gan_optimizer``); the generic one-loss step is replaced by the GAN step.
+    super().__init__(config)  # without a discriminator: one optimizer and the generic step over ``loss_fn``
     if self.use_gan:
+      # Generator and discriminator optimizers in one optax transformation over the trainable tree (see
+      # ``gan_optimizer``), and the two-player step.
       self.tx, self.schedule, self.disc_schedule = gan_optimizer(config)
-    self.train_step = self.gan_train_step
+      self.train_step = self.gan_train_step
 
   # ----- checks -------------------------------------------------------------------------------------------------
   def validate(self, config) -> None:
@@ -207,11 +202,11 @@ class AutoencoderTask(TaskDefaults):
     if discriminator_config(config).dims != 2:
       raise ValueError("config.autoencoder.discriminator.dims: the autoencoder stage judges single frames (2)")
     disc_optimizer_config(config)
-    if float(ac.disc_weight) > 0:
-      rx = re.compile(config.trainable)
-      if not rx.fullmatch("/".join(LAST_LAYER)) or not rx.fullmatch(f"{DISC}/main_0/kernel"):
-        raise ValueError(f"config.trainable={config.trainable!r} must include the decoder's last layer "
-                         f"({'/'.join(LAST_LAYER)}) and '{DISC}/...' when config.autoencoder.disc_weight > 0")
+    if float(ac.disc_weight) > 0 and not re.fullmatch(config.trainable, f"{DISC}/main_0/kernel"):
+      raise ValueError(f"config.trainable={config.trainable!r} must include '{DISC}/.*' when "
+                       "config.autoencoder.disc_weight > 0 (the discriminator trains)")
+    if re.fullmatch(config.trainable, "lpips/features_0/kernel"):
+      raise ValueError(f"config.trainable={config.trainable!r} must not include 'lpips/...' (a fixed loss network)")
 
   # ----- params -------------------------------------------------------------------------------------------------
   def _lpips_params(self, rng):
@@ -263,11 +258,25 @@ class AutoencoderTask(TaskDefaults):
   def reconstruct(self, vae_params, x, rng=None) -> Tuple[jax.Array, vae_lib.DiagonalGaussian, jax.Array]:
     """Images ``[n, h, w, 3]`` -> (reconstruction fp32, posterior, latents); a posterior sample with ``rng``, else
     the mode."""
+    x_rec, posterior, z, _ = self.reconstruct_with_features(vae_params, x, rng)
+    return x_rec, posterior, z
+
+  def reconstruct_with_features(self, vae_params, x, rng=None):
+    """:meth:`reconstruct` plus the input of the decoder's last conv, ``silu(conv_norm_out(.))`` ``[n, h, w, c]``
+    (captured from the same forward pass; the adaptive GAN weight differentiates only that conv)."""
     moments = self.vae.apply({"params": vae_params}, x.astype(self.dtype), method="encode")
     posterior = vae_lib.DiagonalGaussian(moments)
     z = posterior.sample(rng) if rng is not None else posterior.mode()
-    x_rec = self.vae.apply({"params": vae_params}, z.astype(self.dtype), method="decode")
-    return x_rec.astype(jnp.float32), posterior, z
+    x_rec, state = self.vae.apply({"params": vae_params}, z.astype(self.dtype), method="decode",
+                                  capture_intermediates=lambda mdl, _: mdl.path == LAST_NORM)
+    features = nn.silu(state["intermediates"][LAST_NORM[0]][LAST_NORM[1]]["__call__"][0])
+    return x_rec.astype(jnp.float32), posterior, z, features
+
+  def last_layer_fn(self, vae_params, features):
+    """``kernel -> reconstruction``: the decoder's ``conv_out`` on fixed ``features`` with a substitute kernel."""
+    conv_out = conv(self.vae_config.out_channels, name="conv_out", dtype=self.dtype, param_dtype=jnp.float32)
+    bias = _get(vae_params, LAST_LAYER[1:-1])["bias"]
+    return lambda kernel: conv_out.apply({"params": {"kernel": kernel, "bias": bias}}, features).astype(jnp.float32)
 
   def nll(self, frozen, x, x_rec) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """LDM's reconstruction term: ``mean_n(sum_pixels |x - x_rec| + w_p * LPIPS_n * pixels)``."""
@@ -304,74 +313,67 @@ class AutoencoderTask(TaskDefaults):
     return jnp.mean(jnp.abs(x - x_rec))
 
   def gan_train_step(self, state: optim.TrainState, frozen, batch, rng):
-    """One generator update and (from ``disc_start`` on) one discriminator update."""
+    """One generator update and (from ``disc_start`` on) one discriminator update; metrics as the generic step
+    (``loss`` / ``grad_norm`` / ``lr`` are the generator's) plus the adversarial ones."""
     ac = self.config.autoencoder
     rng = jax.random.fold_in(rng, state.step)
     gen_params = {k: v for k, v in state.params.items() if k != DISC}
-    disc_params = state.params.get(DISC)
-    disc_on = state.step >= int(ac.disc_start) if self.use_gan else jnp.array(False)
+    disc_params = state.params[DISC]
+    disc_on = state.step >= int(ac.disc_start)
     x = self.frames(batch)
 
-    def forward(gen):
-      params = optim.merge(gen, frozen)
-      x_rec, posterior, z = self.reconstruct(params["vae"], x, rng)
-      nll, metrics = self.nll(frozen, x, x_rec)
-      return x_rec, posterior, z, nll, metrics
+    def adversarial(vae_params, x_rec, features):
+      """``(g_loss, d_weight)``; d_weight from the gradients of nll and g_loss w.r.t. the decoder's last-layer
+      kernel alone, on stopped features (a constant for the outer gradient, as in LDM's ``detach``)."""
+      g = disc_lib.generator_loss(self.logits(disc_params, x_rec))
+      sg = jax.lax.stop_gradient
+      last = self.last_layer_fn(sg(vae_params), sg(features))
 
-    # Adaptive weight: gradients of nll and of the adversarial loss w.r.t. the decoder's last layer only.
-    def d_weight_fn():
-      def losses(last):
-        x_rec, _, _, nll, _ = forward(_set(gen_params, LAST_LAYER, last))
-        return nll, disc_lib.generator_loss(self.logits(disc_params, x_rec))
-      w, _ = disc_lib.adaptive_weight(losses, _get(gen_params, LAST_LAYER), disc_weight=float(ac.disc_weight))
-      return w
+      def losses(kernel):
+        rec = last(kernel)
+        return self.nll(frozen, x, rec)[0], disc_lib.generator_loss(self.logits(disc_params, rec))
 
-    d_weight = jax.lax.cond(disc_on, d_weight_fn, lambda: jnp.zeros((), jnp.float32)) if self.use_gan \
-        else jnp.zeros((), jnp.float32)
+      d_weight, _ = disc_lib.adaptive_weight(losses, sg(_get(vae_params, LAST_LAYER[1:])),
+                                             disc_weight=float(ac.disc_weight))
+      return g, d_weight
 
     def gen_loss(gen):
-      x_rec, posterior, z, nll, metrics = forward(gen)
+      vae_params = optim.merge(gen, frozen)["vae"]
+      x_rec, posterior, z, features = self.reconstruct_with_features(vae_params, x, rng)
+      nll, metrics = self.nll(frozen, x, x_rec)
       kl = jnp.mean(posterior.kl())
-      loss = nll + float(ac.kl_weight) * kl
-      if self.use_gan:
-        g = jax.lax.cond(disc_on, lambda: disc_lib.generator_loss(self.logits(disc_params, x_rec)),
-                         lambda: jnp.zeros((), jnp.float32))
-        loss = loss + d_weight * g
-        metrics.update(g_loss=g, d_weight=d_weight)
-      metrics.update(nll=nll, kl=kl, z_std=jnp.std(z))
-      return loss, (x_rec, metrics)
+      zero = jnp.zeros((), jnp.float32)
+      g, d_weight = jax.lax.cond(disc_on, lambda: adversarial(vae_params, x_rec, features), lambda: (zero, zero))
+      metrics.update(nll=nll, kl=kl, z_std=jnp.std(z), g_loss=g, d_weight=d_weight)
+      return nll + float(ac.kl_weight) * kl + d_weight * g, (x_rec, metrics)
 
     (loss, (x_rec, metrics)), grads = jax.value_and_grad(gen_loss, has_aux=True)(gen_params)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    if self.use_gan:
-      fake = jax.lax.stop_gradient(x_rec)
+    fake = jax.lax.stop_gradient(x_rec)
 
-      def disc_loss(dp):
-        real_logits, fake_logits = self.logits(dp, x), self.logits(dp, fake)
-        return disc_lib.d_loss(ac.disc_loss, real_logits, fake_logits), (jnp.mean(real_logits),
-                                                                        jnp.mean(fake_logits))
+    def disc_loss(dp):
+      real_logits, fake_logits = self.logits(dp, x), self.logits(dp, fake)
+      return disc_lib.d_loss(ac.disc_loss, real_logits, fake_logits), (jnp.mean(real_logits), jnp.mean(fake_logits))
 
-      def disc_off():
-        z = jnp.zeros((), jnp.float32)
-        return (z, (z, z)), jax.tree.map(jnp.zeros_like, disc_params)
+    def disc_off():
+      zero = jnp.zeros((), jnp.float32)
+      return (zero, (zero, zero)), jax.tree.map(jnp.zeros_like, disc_params)
 
-      (d_loss, (real_mean, fake_mean)), d_grads = jax.lax.cond(
-          disc_on, lambda: jax.value_and_grad(disc_loss, has_aux=True)(disc_params), disc_off)
-      d_grad_norm = optax.global_norm(d_grads)
-      finite = finite & jnp.isfinite(d_loss) & jnp.isfinite(d_grad_norm)
-      grads = dict(grads, **{DISC: d_grads})
-      metrics.update(d_loss=d_loss, logits_real=real_mean, logits_fake=fake_mean, disc_grad_norm=d_grad_norm,
-                     disc_active=disc_on.astype(jnp.float32))
+    (d_loss, (real_mean, fake_mean)), d_grads = jax.lax.cond(
+        disc_on, lambda: jax.value_and_grad(disc_loss, has_aux=True)(disc_params), disc_off)
+    d_grad_norm = optax.global_norm(d_grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(d_loss) & jnp.isfinite(d_grad_norm)
+    metrics.update(d_loss=d_loss, logits_real=real_mean, logits_fake=fake_mean, disc_grad_norm=d_grad_norm,
+                   disc_active=disc_on.astype(jnp.float32))
 
+    grads = dict(grads, **{DISC: d_grads})
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    if self.use_gan:
-      # Before disc_start the discriminator's gradients are zero, so its Adam moments stay zero; its params are
-      # held explicitly (weight decay would otherwise move them).
-      params = dict(params, **{DISC: jax.tree.map(lambda n, o: jnp.where(disc_on, n, o), params[DISC],
-                                                  state.params[DISC])})
+    # Before disc_start the discriminator's gradients are zero, so its Adam moments stay zero; its params are held
+    # explicitly (weight decay would otherwise move them).
+    params = dict(params, **{DISC: jax.tree.map(lambda n, o: jnp.where(disc_on, n, o), params[DISC],
+                                                state.params[DISC])})
     ema = state.ema_params
     if ema is not None:
       ema = optim.ema_update(ema, params, float(self.config.ema_decay))
@@ -379,9 +381,8 @@ class AutoencoderTask(TaskDefaults):
     new_state = optim.TrainState(step=state.step + 1, params=keep(params, state.params),
                                  opt_state=keep(opt_state, state.opt_state),
                                  ema_params=keep(ema, state.ema_params) if ema is not None else None)
-    metrics.update(loss=loss, grad_norm=grad_norm, lr=self.schedule(state.step), finite=finite.astype(jnp.int32))
-    if self.use_gan:
-      metrics["disc_lr"] = self.disc_schedule(state.step)
+    metrics.update(loss=loss, grad_norm=grad_norm, lr=self.schedule(state.step), disc_lr=self.disc_schedule(state.step),
+                   finite=finite.astype(jnp.int32))
     return new_state, metrics
 
   # ----- previews -----------------------------------------------------------------------------------------------

@@ -1,0 +1,228 @@
+"""Stage ``autoencoder`` end to end on a mesh (runlocal: tiny KL-VAE + PatchGAN on synthetic driving frames), its GAN
+step, and the image stage taking the trained VAE through ``model_init``."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import rds
+from videoldm_jax import checkpoint, optim, parallel, tasks, train
+from videoldm_jax.models import discriminator as disc_lib
+
+TOTAL, DISC_START, CKPT = 30, 20, 15
+
+
+@pytest.fixture(scope="module")
+def ae_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("rds_autoencoder")
+  config = rds.get_config("stage=autoencoder,runlocal")
+  # Data parallel over the 8 devices (an fsdp mesh compiles the step ~2x slower on CPU; the sharding of the GAN
+  # optimizer state over an fsdp mesh is checked without compiling, in test_gan_optimizer_state_shards_like_params).
+  config.mesh.ici_data_parallelism = 8
+  config.mesh.ici_fsdp_parallelism = 1
+  config.total_steps = TOTAL
+  config.autoencoder.disc_start = DISC_START
+  config.eval_every_steps = CKPT
+  config.checkpoint_every_steps = CKPT
+  config.sample_every_steps = TOTAL
+  return workdir, config, train.train_and_evaluate(config, str(workdir))
+
+
+def _flat(tree):
+  return {k: np.asarray(v) for k, v in optim.flat_paths(tree).items()}
+
+
+def _restore_state(res, workdir, step):
+  """The train state saved at ``step`` (numpy leaves)."""
+  ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), async_save=False)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), res.state)
+  state = ckpt.restore(abstract, step=step)
+  ckpt.close()
+  return state
+
+
+def test_autoencoder_trains_on_mesh(ae_run):
+  workdir, config, res = ae_run
+  first, last = res.eval_history[0], res.eval_history[-1]
+  assert first["step"] == 0 and last["step"] == TOTAL
+  # eval_loss = mean |x - D(E(x))| (posterior mode) on the fixed batch.
+  assert last["eval_loss"] < 0.5 * first["eval_loss"], res.eval_history
+  assert all(np.isfinite(h["loss"]) for h in res.history)
+  assert set(res.state.params) == {"vae", "discriminator"} and res.frozen == {}  # no LPIPS files configured
+  assert "lpips" not in res.history[-1]
+  assert (workdir / "samples" / f"step_{TOTAL:07d}.gif").stat().st_size > 0
+  # The adversarial part runs from disc_start on, with a positive, clamped adaptive weight.
+  for h in res.history:
+    on = h["step"] > DISC_START  # metrics of step s come from state.step = s - 1
+    assert h["disc_active"] == float(on), h
+    if on:
+      assert h["d_loss"] > 0 and 0 < h["d_weight"] <= 1e4 * config.autoencoder.disc_weight
+    else:
+      assert h["d_loss"] == 0 and h["d_weight"] == 0 and h["disc_grad_norm"] == 0
+
+
+def test_discriminator_frozen_before_disc_start_then_updated(ae_run):
+  workdir, config, res = ae_run
+  mid = _restore_state(res, workdir, CKPT)  # before disc_start
+  assert int(mid.step) == CKPT
+  task = res.task
+
+  # Before disc_start: the discriminator still has its initial params, and its Adam moments are exactly zero.
+  init_rng = train.run_rngs(config)[0]
+  r_disc = jax.random.split(init_rng, 3)[1]  # AutoencoderTask.init's split
+  disc_init = jax.jit(task.discriminator.init)(r_disc, disc_lib.example_input(task.disc_config))["params"]
+  disc_init = _flat(nn.meta.unbox(disc_init))
+  mid_params = _flat(mid.params)
+  for k, v in disc_init.items():
+    np.testing.assert_array_equal(mid_params["discriminator/" + k], v, err_msg=k)
+  adam = mid.opt_state[1]  # chain(clip, scale_by_adam, lr)
+  mu, nu = _flat(adam.mu), _flat(adam.nu)
+  assert all(not np.any(v) for k, v in mu.items() if k.startswith("discriminator/"))
+  assert all(not np.any(v) for k, v in nu.items() if k.startswith("discriminator/"))
+  assert all(np.any(v) for k, v in nu.items() if k.startswith("vae/"))
+
+  # Between the two checkpoints: encoder, decoder and (after disc_start) the discriminator all changed.
+  final = _flat(res.state.params)
+  for prefix in ("vae/encoder/", "vae/decoder/", "vae/quant_conv/", "vae/post_quant_conv/", "discriminator/"):
+    keys = [k for k in final if k.startswith(prefix)]
+    assert keys and any(not np.array_equal(final[k], mid_params[k]) for k in keys), prefix
+  # The optimizer state stays consistent: same structure / shapes, one shared step count, finite moments, and
+  # the discriminator's moments are now populated.
+  fin_adam = res.state.opt_state[1]
+  assert jax.tree.structure(res.state.opt_state) == jax.tree.structure(mid.opt_state)
+  assert int(fin_adam.count) == TOTAL and int(res.state.opt_state[2].count) == TOTAL
+  fin_nu = _flat(fin_adam.nu)
+  assert all(np.all(np.isfinite(v)) for v in fin_nu.values())
+  assert all(np.any(v) for k, v in fin_nu.items() if k.startswith("discriminator/"))
+
+
+def test_adaptive_weight_shortcut_matches_full_model(ae_run):
+  """The task differentiates only the decoder's last conv on the features captured in the forward pass; that conv
+  must reproduce the reconstruction exactly, so the gradient w.r.t. its kernel equals the full model's."""
+  _, _, res = ae_run
+  task = res.task
+  vae = jax.device_get(res.state.params["vae"])
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 64, 3)).astype(np.float32))
+  x_rec, _, _, feats = jax.jit(task.reconstruct_with_features)(vae, x)
+  kernel = vae["decoder"]["conv_out"]["kernel"]
+  np.testing.assert_allclose(np.asarray(task.last_layer_fn(vae, feats)(kernel)), np.asarray(x_rec), atol=1e-5)
+  # Hence d nll / d kernel through that conv alone is the full model's gradient (features do not depend on it).
+  g_short = jax.grad(lambda k: task.nll({}, x, task.last_layer_fn(vae, feats)(k))[0])(kernel)
+  assert g_short.shape == kernel.shape and np.all(np.isfinite(g_short)) and np.abs(g_short).max() > 0
+
+
+def test_gan_optimizer_state_shards_like_params():
+  """On an fsdp mesh the generator's and the discriminator's Adam moments take their params' shardings (the loop's
+  ``optax.tree_map_params`` path works on the one-transformation GAN optimizer)."""
+  config = rds.get_config("stage=autoencoder,runlocal")
+  config.mesh.ici_data_parallelism = 2
+  config.mesh.ici_fsdp_parallelism = 4
+  task = tasks.get("autoencoder")(config)
+  mesh = parallel.make_mesh(config)
+  boxed = jax.eval_shape(task.init, jax.random.PRNGKey(0))
+  shardings = parallel.param_shardings(boxed, mesh, parallel.logical_rules(config))
+  train_shapes, _ = optim.split(nn.meta.unbox(boxed), config.trainable)
+  train_sh, _ = optim.split(shardings, config.trainable)
+  abstract_state = jax.eval_shape(lambda p: optim.init_state(p, task.tx, True), train_shapes)
+  st = checkpoint.state_shardings(task.tx, abstract_state, train_sh, mesh)
+  params_sh = optim.flat_paths(train_sh)
+  adam = st.opt_state[1]
+  assert optim.flat_paths(adam.mu) == params_sh and optim.flat_paths(adam.nu) == params_sh
+  k = "discriminator/main_2/kernel"
+  assert params_sh[k].spec[-1] == "fsdp" and params_sh["vae/decoder/conv_out/kernel"].spec
+  assert st.opt_state[2].count == parallel.replicated(mesh)
+
+
+def test_image_stage_takes_the_trained_vae(ae_run, tmp_path):
+  """``stage=image`` with ``model_init`` = the autoencoder workdir: the frozen VAE is the trained one (EMA), the
+  U-Net and label tokens (absent there) start fresh."""
+  workdir, _, ae_res = ae_run
+  config = rds.get_config("stage=image,runlocal")
+  config.model_init = str(workdir)
+  task = tasks.get("image")(config)
+  mesh = parallel.make_mesh(config)
+  boxed = jax.eval_shape(task.init, jax.random.PRNGKey(0))
+  shardings = parallel.param_shardings(boxed, mesh, parallel.logical_rules(config))
+  abstract = optim.flat_paths(jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                           nn.meta.unbox(boxed), shardings))
+  loaded = checkpoint.load_model_init(config.model_init, abstract, missing_ok=config.model_init_missing_ok)
+  ema = _flat(ae_res.state.ema_params)
+  vae_keys = {k for k in abstract if k.startswith("vae/")}
+  assert set(loaded) == vae_keys
+  for k in vae_keys:
+    np.testing.assert_array_equal(np.asarray(loaded[k]), ema[k], err_msg=k)
+  # Without the allowance the missing U-Net is an error naming it (the VAE itself may never be missing).
+  with pytest.raises(ValueError, match=r"missing \(\d+\): \[.*'unet/"):
+    checkpoint.load_model_init(config.model_init, abstract, missing_ok="")
+
+
+def test_lpips_term_from_weight_files(tmp_path):
+  """LPIPS weight files (torchvision / lpips key layout) become frozen ``lpips/`` params; the reconstruction term
+  adds ``perceptual_weight * LPIPS * pixels`` per example; without a discriminator the generic step is used."""
+  from videoldm_jax.conversion.core import export_torch
+  from videoldm_jax.conversion.io import save_safetensors
+  from videoldm_jax.models.lpips import LPIPS, LPIPSConfig
+
+  lp_config = LPIPSConfig.tiny()
+  x0 = jnp.zeros((1, 16, 16, 3))
+  ref = nn.meta.unbox(jax.jit(LPIPS(lp_config).init)(jax.random.key(1, impl="rbg"), x0, x0))["params"]
+  tensors = export_torch(ref)
+  save_safetensors({k: v for k, v in tensors.items() if k.startswith("features.")}, str(tmp_path / "vgg.safetensors"))
+  save_safetensors({k: v for k, v in tensors.items() if k.startswith("lin")}, str(tmp_path / "lin.safetensors"))
+
+  config = rds.get_config("stage=autoencoder,runlocal")
+  config.autoencoder.lpips = "tiny"
+  config.autoencoder.lpips_vgg = str(tmp_path / "vgg.safetensors")
+  config.autoencoder.disc_weight = 0.0
+  with pytest.raises(ValueError, match="lpips_vgg and lpips_lin"):
+    tasks.get("autoencoder")(config)
+  config.autoencoder.lpips_lin = str(tmp_path / "lin.safetensors")
+  config.autoencoder.perceptual_weight = 0.7
+  task = tasks.get("autoencoder")(config)
+  assert task.train_step is not task.gan_train_step  # one optimizer, the generic step over loss_fn
+
+  shapes = nn.meta.unbox(jax.eval_shape(task.init, jax.random.PRNGKey(0)))
+  assert set(shapes) == {"vae", "lpips"}
+  trainable, frozen = optim.split(shapes, config.trainable)
+  assert set(trainable) == {"vae"} and set(frozen) == {"lpips"}
+  lp = nn.meta.unbox(task._lpips_params(jax.random.PRNGKey(0)))
+  jax.tree.map(np.testing.assert_array_equal, lp, ref)
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(-1, 1, (2, 32, 64, 3)).astype(np.float32))
+  x_rec = jnp.asarray(rng.uniform(-1, 1, (2, 32, 64, 3)).astype(np.float32))
+  nll, metrics = jax.jit(task.nll)({"lpips": lp}, x, x_rec)
+  d = LPIPS(lp_config).apply({"params": ref}, x, x_rec)
+  expected = np.mean(np.abs(np.asarray(x - x_rec)).sum(axis=(1, 2, 3)) + 0.7 * np.asarray(d) * 32 * 64 * 3)
+  assert float(nll) == pytest.approx(float(expected), rel=1e-5)
+  assert float(metrics["lpips"]) == pytest.approx(float(np.mean(d)), rel=1e-5)
+
+
+def test_full_size_config_and_checks():
+  """``stage=autoencoder`` at full size: SD-shaped KL-f8 VAE + 3-layer PatchGAN, both trainable; bad keys are named."""
+  from configs import common
+  config = rds.get_config("stage=autoencoder")
+  common.validate(config)
+  task = tasks.get("autoencoder")(config)
+  shapes = nn.meta.unbox(jax.eval_shape(task.init, jax.random.PRNGKey(0)))
+  trainable, frozen = optim.split(shapes, config.trainable)
+  counts = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in trainable.items()}
+  assert counts == {"vae": 83_653_863, "discriminator": 2_765_633} and frozen == {}
+  assert (config.data.height, config.data.width, config.data.num_frames) == (128, 256, 1)
+  # vae_scale (1 / z_std of a trained autoencoder) reaches the latent stages' VAE config.
+  image = tasks.get("image")(rds.get_config("stage=image,runlocal,vae_scale=0.25"))
+  assert image.vae_config.scaling_factor == 0.25
+
+  config.autoencoder.disc_optimizer = {"b1": 0.9}
+  with pytest.raises(ValueError, match=r"config\.autoencoder\.disc_optimizer\.b1"):
+    tasks.get("autoencoder")(config)
+  config.autoencoder.disc_optimizer = {}
+  config.autoencoder.discriminator = {"dims": 3}
+  with pytest.raises(ValueError, match=r"config\.autoencoder\.discriminator\.dims"):
+    tasks.get("autoencoder")(config)
+  config.autoencoder.discriminator = {}
+  config.trainable = r"vae/.*"
+  with pytest.raises(ValueError, match=r"config\.trainable=.*discriminator"):
+    tasks.get("autoencoder")(config)

@@ -13,6 +13,7 @@ import torch
 from videoldm_jax import convert
 from videoldm_jax.conversion.core import ConversionError, flatten_paths
 
+import reference_models
 from reference_models import write_tiny_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,3 +175,83 @@ def test_config_round_trip_rejects_unknown_fields():
   assert convert.config_from_dict(VAEConfig, data["config"]) == cfg
   with pytest.raises(ValueError, match="not_a_field"):
     convert.config_from_dict(VAEConfig, {**data["config"], "not_a_field": 1})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Single-file CompVis checkpoints through the CLI. The tiny models use what the converter infers for real SD 1.x
+# files (32 norm groups, 8 heads at a 768-wide context, 64-wide text heads), since a single file stores no config.
+
+@pytest.fixture(scope="module")
+def compvis_case(tmp_path_factory):
+  from diffusers import AutoencoderKL, UNet2DConditionModel
+  from test_unet import _to_compvis
+  from test_vae import diffusers_to_compvis
+  from reference_models import tiny_clip
+  from videoldm_jax.models.unet import unet_config_from_diffusers
+  torch.manual_seed(1)
+  root = tmp_path_factory.mktemp("compvis")
+  unet = UNet2DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+      cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+  vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32)
+  text = tiny_clip(hidden_size=64)
+  for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text)):
+    module.save_pretrained(root / "pipe" / name)
+  reference_models.tiny_scheduler().save_pretrained(root / "pipe" / "scheduler")
+
+  state = {k: v.numpy() for k, v in _to_compvis(unet.state_dict(), unet_config_from_diffusers(dict(unet.config))).items()}
+  vae_sd = {k: v.numpy() for k, v in vae.state_dict().items()}
+  state.update(diffusers_to_compvis(vae_sd, 2))
+  for k, v in text.state_dict().items():
+    k = k if k.startswith("text_model.") else "text_model." + k
+    state["cond_stage_model.transformer." + k] = v.numpy()
+  state["betas"] = (np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2).astype(np.float32)
+  state["alphas_cumprod"] = np.cumprod(1.0 - state["betas"].astype(np.float64)).astype(np.float32)
+  return root, state
+
+
+def _params_equal(a, b):
+  fa, fb = dict(flatten_paths(a)), dict(flatten_paths(b))
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg="/".join(k))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_single_file_equals_the_pipeline_folder(compvis_case, tmp_path, suffix):
+  from safetensors.numpy import save_file
+  root, state = compvis_case
+  path = tmp_path / f"sd{suffix}"
+  if suffix == ".safetensors":
+    save_file(state, str(path))
+  else:
+    torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}}, path)
+  res = _run_cli("--source", str(path), "--output", str(tmp_path / "single"))
+  assert res.returncode == 0, res.stderr
+  single = convert.load_converted(str(tmp_path / "single"))
+  folder_configs, folder_params, _ = convert.convert_source(str(root / "pipe"))
+  assert set(single.params) == {"unet", "vae", "text_encoder"}
+  for name in single.params:
+    _params_equal(single.params[name], folder_params[name])
+  assert single.configs["unet"] == folder_configs["unet"]
+  assert single.schedule["beta_schedule"] == "scaled_linear"
+
+
+def test_single_file_with_ema_or_stray_keys_is_refused(compvis_case, tmp_path):
+  from safetensors.numpy import save_file
+  _, state = compvis_case
+  ema = dict(state, **{"model_ema.decay": np.ones((), np.float32),
+                       "model_ema.diffusion_modelconv_inweight": np.zeros((1,), np.float32)})
+  save_file(ema, str(tmp_path / "ema.safetensors"))
+  res = _run_cli("--source", str(tmp_path / "ema.safetensors"), "--output", str(tmp_path / "out"))
+  assert res.returncode != 0 and "model_ema" in res.stderr and "--drop_ema" in res.stderr
+  _assert_no_output(tmp_path / "out")
+  res = _run_cli("--source", str(tmp_path / "ema.safetensors"), "--output", str(tmp_path / "out"), "--drop_ema")
+  assert res.returncode == 0, res.stderr
+  stray = dict(state, **{"cond_stage_model.extra.weight": np.zeros((2,), np.float32)})
+  save_file(stray, str(tmp_path / "stray.safetensors"))
+  res = _run_cli("--source", str(tmp_path / "stray.safetensors"), "--output", str(tmp_path / "out2"))
+  assert res.returncode != 0 and "cond_stage_model.extra.weight" in res.stderr
+  _assert_no_output(tmp_path / "out2")

@@ -138,19 +138,19 @@ class TemporalResBlock(nn.Module):
     if x.shape[-1] != self.features:
       raise ValueError(f"TemporalResBlock keeps the channel count: input has {x.shape[-1]}, features={self.features}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.with_logical_constraint(x, ("batch", "frames", None, None, None))
+    # Keep the time axis unsharded into each 3D conv: XLA's SPMD partitioner (jax 0.10 CPU at least) miscompiles a
+    # conv whose input is sharded along the conv's time axis and whose kernel is sharded over the same mesh axis.
+    unsharded_time = lambda a: nn.with_logical_constraint(a, ("batch", "frames", None, None, None))  # noqa: E731
     h = layers.group_norm(name="norm1", num_groups=self.num_groups, epsilon=self.eps, **kw)(x)
-    h = nn.silu(h)
-    h = layers.conv(self.features, self.kernel_size, name="conv1", **kw)(h)
+    h = layers.conv(self.features, self.kernel_size, name="conv1", **kw)(unsharded_time(nn.silu(h)))
     if emb is not None:
       e = layers.dense(self.features, name="time_emb_proj", **kw)(nn.silu(emb))
       h = h + e[:, :, None, None, :].astype(h.dtype)
     h = layers.group_norm(name="norm2", num_groups=self.num_groups, epsilon=self.eps, **kw)(h)
-    h = nn.silu(h)
-    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
     # Zero-init makes the block the identity at init, so inserting it leaves the image model unchanged.
     out_init = nn.initializers.zeros_init() if self.zero_init else nn.initializers.lecun_normal()
-    h = layers.conv(self.features, self.kernel_size, name="conv2", kernel_init=out_init, **kw)(h)
+    h = layers.conv(self.features, self.kernel_size, name="conv2", kernel_init=out_init, **kw)(unsharded_time(h))
     return x + h
 
 

@@ -8,6 +8,7 @@ checked against the dataclass / pipeline they configure by the task.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
@@ -85,7 +86,8 @@ def base_config() -> ConfigDict:
       label_classes=(2, 5),    # ... and their class counts (a null class for CFG is added to each)
       label_dim=0,             # width of the label tokens (0: the U-Net's cross_attention_dim)
   ))
-  c.dtype = "float32"          # compute dtype: float32 | bfloat16 (params stay float32)
+  c.dtype = "float32"          # compute dtype: float32 | bfloat16 (trainable params stay float32)
+  c.frozen_dtype = "float32"   # storage dtype of the frozen params (config.trainable's complement): float32 | bfloat16
   c.trainable = ".*"           # regex over '/'-joined param paths; the rest is frozen
   c.model_init = ""            # converted checkpoint dir or a trained workdir to initialise from
   c.model_init_missing_ok = ""  # regex of params that model_init may lack (new layers)
@@ -109,7 +111,20 @@ def base_config() -> ConfigDict:
       discriminator={},        # DiscriminatorConfig overrides (ndf, n_layers, norm, ...)
       disc_optimizer={},       # overrides of config.optimizer for the discriminator (lr, warmup_steps, ...)
   ))
-  c.sampling = ConfigDict(dict(num_steps=25, guidance_scale=5.0, num_samples=4, eta=0.0, fps=4.0))
+  c.sampling = ConfigDict(dict(num_steps=25, guidance_scale=5.0, num_samples=4, eta=0.0, fps=4.0,
+                               context_guidance=1.0))  # predictor / interpolator: f(∅) + s (f(c_S) - f(∅))
+  # Stages ``predictor`` / ``interpolator`` (videoldm_jax/tasks/masked.py): masked context frames.
+  c.masked = ConfigDict(dict(
+      context_probs=(0.1, 0.3, 0.6),  # predictor: P(S = 0, 1, 2 first frames known); S = 0 is the uncond. branch
+      num_context=2,           # predictor: known frames at sampling / in the rollout (the last generated ones)
+      stride=4,                # interpolator: a key frame every `stride` frames (3 new frames between two keys)
+      regime_fps=(7.5, 30.0),  # interpolator: clip fps of regime 0 (T->4T) and 1 (4T->16T); data.fps draws these
+      uncond_prob=0.1,         # interpolator: P(all-zero mask), the unconditional branch for context guidance
+      cond_aug_prob=0.5,       # conditioning augmentation: P(known frames are noised) ...
+      cond_aug_max_level=250,  # ... to a level ~ U{1..this} (diffusion timesteps; the level is an input)
+      sample_noise_level=0,    # conditioning-augmentation level given at sampling
+      loss_on_known=False,     # False: the loss covers only the frames to predict
+  ))
 
   # Input pipeline: exactly the fields of videoldm_jax.data.pipeline.default_config() (checked there).
   c.data = data_pipeline.default_config()
@@ -277,6 +292,7 @@ def _walk(d, prefix: str = "") -> Iterable[Tuple[str, Any]]:
 
 _CHOICES = {
     "dtype": ("float32", "bfloat16"),
+    "frozen_dtype": ("float32", "bfloat16"),
     "diffusion.prediction": ("eps", "v"),
     "diffusion.schedule": ("linear", "scaled_linear"),
     "optimizer.schedule": ("constant", "cosine"),
@@ -318,6 +334,21 @@ def validate(config: ConfigDict) -> None:
     raise ValueError(f"config.trainable={config.trainable!r} is not a valid regex: {e}") from e
   if int(config.data.num_frames) < 1:
     raise ValueError(f"config.data.num_frames={config.data.num_frames} must be >= 1")
+  # The batch splits over (data, fsdp). When the ICI knobs of those axes are explicit, check before any device
+  # exists (a DCN -1 counts as config.mesh.num_slices; more processes only multiply the size: validate_for_mesh).
+  ici = [int(config.mesh[f"ici_{a}_parallelism"]) for a in ("data", "fsdp", "tensor")]
+  dcn = [int(config.mesh[f"dcn_{a}_parallelism"]) for a in ("data", "fsdp", "tensor")]
+  if dcn.count(-1) == 1:
+    known = math.prod(d for d in dcn if d != -1)
+    dcn[dcn.index(-1)] = max(1, int(config.mesh.num_slices) // max(known, 1))
+  if -1 not in ici[:2] and -1 not in dcn[:2]:
+    dp = ici[0] * ici[1] * dcn[0] * dcn[1]
+    if int(config.batch_size) % dp:
+      raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
+                       "(config.mesh data x fsdp parallelism, ici x dcn)")
+  if config.stage in ("predictor", "interpolator"):  # mask settings, checked before any chain stage trains
+    from videoldm_jax.tasks import masked  # pylint: disable=g-import-not-at-top
+    masked.validate_config(config)
 
 
 def validate_for_mesh(config: ConfigDict, data_parallel_size: int, process_count: int = 1) -> None:

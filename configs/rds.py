@@ -2,7 +2,9 @@ r"""Driving-scene Video LDM (the paper's RDS pipeline) on the embedded synthetic
 
 Stages (``stage=``): ``autoencoder`` (optional: the KL-f8 VAE on single frames, L1 + LPIPS + KL + PatchGAN),
 ``image`` (image LDM on single frames, labels day/night + crowdedness, CFG dropout 0.1) and ``base`` (key-frame
-video LDM: the image LDM frozen, only the temporal layers train). Conditioning: label tokens.
+video LDM: the image LDM frozen, only the temporal layers train), ``predictor`` (the base model + mask
+conditioning on 0-2 context frames, for long rollouts) and ``interpolator`` (3 frames between key frames, one
+model for 1.875 -> 7.5 and 7.5 -> 30 fps). Conditioning: label tokens.
 Full size: 128x256 px (latents 16x32x4), 8 key frames at 1.875 fps, v-prediction, linear schedule.
 Argument ``vae_scale=S`` sets the VAE's latent scaling factor (1 / the ``z_std`` an autoencoder run logs).
 
@@ -35,13 +37,34 @@ pre-encoded latents ``--config.data.source=latents --config.data.data_dir=...``.
 from configs import common
 
 # The stages of the default run (no ``stage=``), trained in this order, each initialised from the previous.
-CHAIN = ("autoencoder", "image", "base")
+CHAIN = ("autoencoder", "image", "base", "predictor", "interpolator")
+# runlocal chain: more steps than the stage-by-stage smoke runs (on a CPU a step costs far less than compiling it),
+# so that its videos show a road under a day or night sky.
+RUNLOCAL_CHAIN_STEPS = {"autoencoder": 100, "image": 400, "base": 80, "predictor": 60, "interpolator": 60}
+RUNLOCAL_CHAIN_SECONDS = 32.0  # length of the chain's closing pipeline video (at the interpolated 30 fps)
+RUNLOCAL_CHAIN_VAE_SCALE = 0.7  # ~1 / the latent std (z_std) the runlocal autoencoder reaches (LDM's scale_by_std)
+
+
+def _runlocal_chain(c) -> None:
+  for stage, steps in RUNLOCAL_CHAIN_STEPS.items():
+    s = c.stages[stage]
+    s.total_steps = steps
+    s.checkpoint_every_steps = s.sample_every_steps = min(100, steps)
+    s.ema_decay = 0.9  # the next stage loads EMA weights: they must forget the random init within the run
+  for stage in ("base", "predictor", "interpolator"):  # the chain's own videos (WORKDIR/sample.*) are the preview
+    c.stages[stage].sample_every_steps = 0
 
 
 def get_config(arg=None):
   a = common.parse_arg(arg, stage=common.CHAIN, runlocal=False, vae_scale=0.0)
   if a.stage == common.CHAIN:
-    return common.chain_config(get_config, CHAIN, a)
+    if a.runlocal and not a.vae_scale:
+      a.vae_scale = RUNLOCAL_CHAIN_VAE_SCALE
+    c = common.chain_config(get_config, CHAIN, a)
+    c.sample_seconds = RUNLOCAL_CHAIN_SECONDS  # the closing video: key frames -> rollout -> x4 -> x4 (30 fps)
+    if a.runlocal:
+      _runlocal_chain(c)
+    return c
   c = common.base_config()
   c.stage = a.stage
   common.apply_variant(c, "tiny_rds" if a.runlocal else "rds")
@@ -89,8 +112,35 @@ def get_config(arg=None):
     c.total_steps = 73_000
     c.optimizer.lr = 1e-4
     c.optimizer.warmup_steps = 1000
+  elif a.stage == "predictor":  # base model + mask conditioning: first S in {0, 1, 2} frames known
+    c.data.num_frames = 8
+    c.data.fps = 1.875
+    c.model.temporal = common.video_temporal(mask_conditioning=True)
+    c.trainable = ".*temporal.*"
+    c.model_init_missing_ok = ".*temporal_cond.*"  # model_init: a base workdir (only temporal_cond is new)
+    c.masked.context_probs = (0.1, 0.3, 0.6)
+    c.sampling.context_guidance = 1.5
+    c.sampling.fps = 1.875
+    c.batch_size = 640
+    c.total_steps = 50_000
+    c.optimizer.lr = 1e-4
+    c.optimizer.warmup_steps = 1000
+  elif a.stage == "interpolator":  # key frame every 4th frame; regime 0: 7.5 fps clips, regime 1: 30 fps clips
+    c.data.num_frames = 13  # 4 key frames
+    c.data.fps = (7.5, 30.0)
+    c.masked.regime_fps = (7.5, 30.0)
+    c.model.temporal = common.video_temporal(mask_conditioning=True, num_regimes=2)
+    c.trainable = ".*temporal.*"
+    c.model_init_missing_ok = ".*temporal_cond.*"  # model_init: a predictor (or base) workdir
+    c.sampling.context_guidance = 1.0
+    c.sampling.fps = 7.5
+    c.batch_size = 640
+    c.total_steps = 50_000
+    c.optimizer.lr = 1e-4
+    c.optimizer.warmup_steps = 1000
   else:
-    raise ValueError(f"configs/rds.py: stage={a.stage!r} is not available yet (autoencoder, image, base)")
+    raise ValueError(f"configs/rds.py: stage={a.stage!r} is not available (autoencoder, image, base, predictor, "
+                     "interpolator)")
 
   if a.runlocal:
     common.runlocal(c)
@@ -103,4 +153,9 @@ def get_config(arg=None):
       c.optimizer.lr = 1e-3
     else:
       c.optimizer.lr = 5e-4
+    if a.stage == "interpolator":
+      c.data.num_frames = 9  # 3 key frames
+    if a.stage in ("predictor", "interpolator"):
+      c.batch_size = 4
+      c.total_steps = 30
   return c

@@ -12,6 +12,13 @@ ViT-H, v-prediction); ``sd21_base`` for the ε-prediction 512 model.
   # CPU smoke run (tiny text model, synthetic captioned driving clips, random frozen backbone):
   python -m videoldm_jax.train --config=configs/webvid.py:stage=base,runlocal --workdir=/tmp/t2v_local
 
+Stages ``predictor`` (the base model + mask conditioning on 0-2 context frames; temporal layers train) and
+``interpolator`` (3 frames between key frames, 1.875 -> 7.5 and 7.5 -> 30 fps with a regime label; as in the
+paper's T2V interpolator **all** U-Net params train), both initialised from the previous stage's workdir:
+
+  python -m videoldm_jax.train --config=configs/webvid.py:stage=predictor,variant=sd15 --workdir=/tmp/t2v_pred \
+      --config.model_init=/tmp/t2v_sd15 ...
+
 Pre-encoded latents (data_pipelines/) train much faster: ``--config.data.source=latents``.
 """
 
@@ -45,11 +52,40 @@ def get_config(arg=None):
     c.total_steps = 14_000
     c.optimizer.lr = 1e-4
     c.optimizer.warmup_steps = 500
+  elif a.stage == "predictor":
+    c.data.num_frames = 8
+    c.data.fps = 1.875
+    c.model.temporal = common.video_temporal(cross_attention=True, mask_conditioning=True)
+    c.trainable = ".*temporal.*"
+    c.model_init_missing_ok = ".*temporal_cond.*"  # model_init: a base workdir
+    c.sampling.context_guidance = 1.5
+    c.batch_size = 32
+    c.total_steps = 10_000
+    c.optimizer.lr = 1e-4
+    c.optimizer.warmup_steps = 500
+  elif a.stage == "interpolator":
+    c.data.num_frames = 13  # 4 key frames
+    c.data.fps = (7.5, 30.0)
+    c.masked.regime_fps = (7.5, 30.0)
+    c.model.temporal = common.video_temporal(cross_attention=True, mask_conditioning=True, num_regimes=2)
+    c.trainable = r"unet/.*"  # the paper's T2V interpolator trains all U-Net params
+    c.model_init_missing_ok = ".*temporal_cond.*"
+    c.sampling.context_guidance = 1.0
+    c.batch_size = 32
+    c.total_steps = 10_000
+    c.optimizer.lr = 5e-5
+    c.optimizer.warmup_steps = 500
   else:
-    raise ValueError(f"configs/webvid.py: stage={a.stage!r} is not available yet (image, base)")
+    raise ValueError(f"configs/webvid.py: stage={a.stage!r} is not available (image, base, predictor, "
+                     "interpolator)")
 
   if a.runlocal:
     common.runlocal(c)
     c.optimizer.lr = 5e-4
     c.sampling.guidance_scale = 3.0
+    if a.stage == "interpolator":
+      c.data.num_frames = 9
+    if a.stage in ("predictor", "interpolator"):
+      c.batch_size = 4
+      c.total_steps = 30
   return c

@@ -244,3 +244,17 @@ def test_schedule_warmup_then_cosine():
   assert abs(float(sched(110)) - lr * 0.1) < 1e-7
   c.optimizer.schedule = "constant"
   assert abs(float(optim.make_schedule(c.optimizer, c.total_steps)(100)) - lr) < 1e-7
+
+
+def test_ema_warms_up_then_follows_the_configured_decay():
+  """The EMA decay is min(decay, (1 + n) / (10 + n)): the first update weighs the new params by 0.8, the EMA of a
+  constant sequence of params converges to them, and late updates use the configured decay."""
+  ema, target = {"w": jnp.zeros((3,))}, {"w": jnp.ones((3,))}
+  one = optim.ema_update(ema, target, 0.999, jnp.int32(1))
+  np.testing.assert_allclose(np.asarray(one["w"]), 1.0 - 2.0 / 11.0, rtol=1e-6)
+  for n in range(2, 41):
+    one = optim.ema_update(one, target, 0.999, jnp.int32(n))
+  assert float(one["w"][0]) > 0.97  # 40 updates of a 0.999 EMA without warm-up would give 0.04
+  assert abs(float(optim.ema_decay_at(0.999, jnp.int32(100_000))) - 0.999) < 1e-7
+  plain = optim.ema_update(ema, target, 0.5)
+  np.testing.assert_allclose(np.asarray(plain["w"]), 0.5)

@@ -52,6 +52,27 @@ def merge(trainable: Params, frozen: Params) -> Params:
   return traverse_util.unflatten_dict(flat, sep=SEP) if flat else {}
 
 
+FROZEN_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def cast_frozen(frozen: Params, dtype_name: str) -> Params:
+  """Frozen params in their storage dtype (``config.frozen_dtype``): floating leaves cast, others untouched.
+
+  Works on arrays and on ``jax.ShapeDtypeStruct`` trees (shardings kept). bfloat16 halves the frozen bytes; the
+  trainable params, their gradients, Adam moments and EMA stay float32.
+  """
+  dtype = jnp.dtype(FROZEN_DTYPES[dtype_name])
+
+  def cast(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+
+  return jax.tree.map(cast, frozen)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Schedule and optimizer.
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,8 +123,17 @@ def init_state(trainable: Params, tx: optax.GradientTransformation, ema: bool) -
                     ema_params=jax.tree.map(jnp.copy, trainable) if ema else None)
 
 
-def ema_update(ema: Params, params: Params, decay: float) -> Params:
-  return jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema, params)
+def ema_decay_at(decay: float, num_updates: jax.Array) -> jax.Array:
+  """The EMA decay after ``num_updates`` updates: ``min(decay, (1 + n) / (10 + n))`` (LDM's warm-up), so a short
+  run's EMA forgets the initial weights instead of staying mostly at them (0.9999 ** 1000 = 0.90)."""
+  n = jnp.asarray(num_updates, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
+def ema_update(ema: Params, params: Params, decay: float, num_updates: Optional[jax.Array] = None) -> Params:
+  """One EMA update; with ``num_updates`` (the count including this update) the decay warms up (ema_decay_at)."""
+  d = ema_decay_at(decay, num_updates) if num_updates is not None else decay
+  return jax.tree.map(lambda e, p: (e * d + (1.0 - d) * p.astype(e.dtype)).astype(e.dtype), ema, params)
 
 
 def all_finite(*trees) -> jax.Array:
@@ -120,7 +150,7 @@ def apply_gradients(state: TrainState, grads: Params, loss: jax.Array, tx: optax
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema = ema_update(state.ema_params, params, ema_decay) if state.ema_params is not None else None
+  ema = ema_update(state.ema_params, params, ema_decay, state.step + 1) if state.ema_params is not None else None
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                          opt_state=keep(opt_state, state.opt_state),

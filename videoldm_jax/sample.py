@@ -10,6 +10,17 @@ the stage's params (EMA when saved, frozen parts from where the run took them), 
 writes ``OUTPUT.mp4`` and ``OUTPUT.gif`` (the videos tiled in a grid) and ``OUTPUT.png`` (contact sheet: one row per
 video, one column per frame); ``--output`` defaults to ``WORKDIR/sample``.
 
+Long videos with the whole pipeline (``--pipeline``: a chain's workdir, or a comma list of stage workdirs whose
+stages are read from their config.json): key frames from ``base``, rolled out by ``predictor`` windows conditioned
+on the last two generated frames (``--num_windows`` windows, or enough for ``--seconds`` of final video),
+interpolated x4 twice by ``interpolator`` (regime 0: 1.875 -> 7.5 fps, regime 1: 7.5 -> 30 fps; ``--interpolations``
+0-2), decoded and written at the final fps; each stage is optional (a missing predictor: one base window; a
+missing interpolator: key frames only). ``--context_guidance`` sets the predictor's context-guidance scale. A
+chain workdir with these stages samples this way by default (``--workdir``; ``--stage`` picks one stage)::
+
+  python -m videoldm_jax.sample --pipeline=/tmp/videoldm_rds --seconds=30 --num_samples=2
+  python -m videoldm_jax.sample --pipeline=/tmp/rds_base,/tmp/rds_pred,/tmp/rds_interp --num_windows=6
+
 Text-to-image with a converted Stable Diffusion (DDIM + classifier-free guidance)::
 
   python -m videoldm_jax.sample --checkpoint=/ckpt/sd15 --prompt="a red car on a mountain road" \
@@ -180,7 +191,8 @@ def generate(task, trainable, frozen, batch, *, num_samples: int, batch_size: in
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   n, bs = int(num_samples), max(1, min(int(batch_size), int(num_samples)))
   task.config.sampling.num_samples = bs  # read by sample_fn when it is traced
-  fn = jax.jit(task.sample_fn)
+  from videoldm_jax.train import compiler_options  # pylint: disable=g-import-not-at-top
+  fn = jax.jit(task.sample_fn, compiler_options=compiler_options(task.config))
   key = jax.random.PRNGKey(seed)
   out = []
   with tqdm(total=n, unit="video", desc="sampling", disable=not progress or jax.process_index() != 0) as bar:
@@ -240,9 +252,11 @@ def write_mp4(frames: np.ndarray, path: str, fps: float) -> None:
     container.mux(stream.encode())
 
 
-def write_outputs(videos: np.ndarray, output: str, fps: float, upscale: int = 0) -> Dict[str, str]:
+def write_outputs(videos: np.ndarray, output: str, fps: float, upscale: int = 0,
+                  sheet_frames: int = 0) -> Dict[str, str]:
   """``OUTPUT.mp4`` / ``OUTPUT.gif`` (grid of the videos) and ``OUTPUT.png`` (contact sheet). ``upscale`` 0:
-  nearest-neighbour to at least 128 px high (the runlocal models make 32 px frames)."""
+  nearest-neighbour to at least 128 px high (the runlocal models make 32 px frames). ``sheet_frames`` > 0: the
+  contact sheet shows that many evenly spaced frames (long videos)."""
   from videoldm_jax import writers  # pylint: disable=g-import-not-at-top
   factor = upscale or max(1, int(np.ceil(128 / videos.shape[2])))
   videos = _upscale(videos, factor)
@@ -255,22 +269,33 @@ def write_outputs(videos: np.ndarray, output: str, fps: float, upscale: int = 0)
   with open(paths["gif"], "wb") as f:
     f.write(writers.encode_gif(grid, fps))
   with open(paths["png"], "wb") as f:
-    f.write(writers.encode_png(contact_sheet(videos)))
+    sheet = videos
+    if sheet_frames and videos.shape[1] > sheet_frames:
+      sheet = videos[:, np.linspace(0, videos.shape[1] - 1, sheet_frames).round().astype(int)]
+    f.write(writers.encode_png(contact_sheet(sheet)))
   return paths
 
 
 def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: int = 4, batch_size: int = 1,
                    guidance: Optional[float] = None, steps: Optional[int] = None, seed: int = 0,
                    labels: Optional[Dict[str, int]] = None, prompt: Optional[str] = None,
-                   output: Optional[str] = None, upscale: int = 0, progress: bool = True) -> Dict[str, Any]:
+                   num_frames: Optional[int] = None, output: Optional[str] = None, upscale: int = 0,
+                   progress: bool = True) -> Dict[str, Any]:
   """Samples ``num_samples`` videos of a trained stage and writes them (see the module docstring).
 
   The conditioning comes from the stage's fixed evaluation batch (its data config, no dropout): for RDS the
   day/night and crowdedness labels of held-out synthetic scenes, overridden by ``labels``; for text stages their
-  captions, overridden by ``prompt``. Returns the written paths plus ``videos`` ``[n, t, h, w, 3]`` uint8.
+  captions, overridden by ``prompt``. ``num_frames`` (video stages) samples clips of another length than the
+  stage trained on (the temporal layers take any length). Returns the written paths plus ``videos``
+  ``[n, t, h, w, 3]`` uint8.
   """
   from configs import common  # pylint: disable=g-import-not-at-top
   from videoldm_jax import parallel  # pylint: disable=g-import-not-at-top
+  run = load_run_config(workdir)
+  if stage is None and common.is_chain(run) and set(run.chain) & {"predictor", "interpolator"}:
+    return sample_pipeline(workdir, num_samples=num_samples, guidance=guidance, steps=steps, seed=seed,
+                           labels=labels, prompt=prompt, output=output, upscale=upscale, progress=progress,
+                           seconds=run.get("sample_seconds") or None)
   stage_dir = resolve_stage(workdir, stage)
   config = load_run_config(stage_dir)
   config.mesh = common.mesh_defaults()  # the training mesh may not fit this machine: data parallel over it
@@ -278,6 +303,10 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
     config.sampling.guidance_scale = float(guidance)
   if steps is not None:
     config.sampling.num_steps = int(steps)
+  if num_frames:
+    if config.model.get("temporal") is None and int(num_frames) != int(config.data.num_frames):
+      raise ValueError(f"--num_frames={num_frames}: stage {config.stage!r} is an image model (1 frame)")
+    config.data.num_frames = int(num_frames)
   mesh = parallel.make_mesh(config)
   dp = parallel.data_parallel_size(mesh)
   config.batch_size = int(np.ceil(num_samples / dp)) * dp
@@ -300,6 +329,107 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Long videos: key frames -> rollout -> interpolation (videoldm_jax/pipeline.py).
+# ---------------------------------------------------------------------------------------------------------------
+
+PIPELINE_STAGES = ("base", "predictor", "interpolator")
+
+
+def pipeline_stage_dirs(spec: str) -> Dict[str, str]:
+  """``{stage: workdir}`` of the pipeline stages named by ``spec``: a chain's workdir (its stages among
+  base / predictor / interpolator) or a comma list of stage workdirs (stage read from each config.json)."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  dirs = [d for d in (s.strip() for s in spec.split(",")) if d]
+  out: Dict[str, str] = {}
+  for d in dirs:
+    config = load_run_config(d)
+    if common.is_chain(config):
+      out.update({s: os.path.join(d, s) for s in config.chain if s in PIPELINE_STAGES})
+    elif config.stage in PIPELINE_STAGES:
+      if config.stage in out:
+        raise ValueError(f"--pipeline names two {config.stage!r} workdirs: {out[config.stage]} and {d}")
+      out[config.stage] = d
+    else:
+      raise ValueError(f"--pipeline: {d} is a {config.stage!r} workdir; expected one of {PIPELINE_STAGES}")
+  if "base" not in out and "predictor" not in out:
+    raise ValueError(f"--pipeline={spec!r}: needs a base or predictor stage (has {sorted(out)})")
+  return out
+
+
+def sample_pipeline(spec: str, *, num_samples: int = 4, seconds: Optional[float] = None,
+                    num_windows: Optional[int] = None, interpolations: Optional[int] = None,
+                    guidance: Optional[float] = None, context_guidance: Optional[float] = None,
+                    steps: Optional[int] = None, seed: int = 0, labels: Optional[Dict[str, int]] = None,
+                    prompt: Optional[str] = None, output: Optional[str] = None, upscale: int = 0,
+                    progress: bool = True) -> Dict[str, Any]:
+  """Long videos through the stages of ``spec`` (see the module docstring); writes OUTPUT.{mp4,gif,png}
+  (default: the first workdir's ``sample``) at the final fps. Returns the paths, ``videos`` uint8
+  ``[n, t, h, w, 3]``, ``fps`` and ``num_key_frames``."""
+  import math  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from videoldm_jax import parallel, pipeline  # pylint: disable=g-import-not-at-top
+  from videoldm_jax.train import compiler_options  # pylint: disable=g-import-not-at-top
+  dirs = pipeline_stage_dirs(spec)
+  loaded = {}
+  for name, d in dirs.items():
+    config = load_run_config(d)
+    config.mesh = common.mesh_defaults()
+    if guidance is not None:
+      config.sampling.guidance_scale = float(guidance)
+    if context_guidance is not None and name != "base":
+      config.sampling.context_guidance = float(context_guidance)
+    if steps is not None:
+      config.sampling.num_steps = int(steps)
+    mesh = parallel.make_mesh(config)
+    dp = parallel.data_parallel_size(mesh)
+    config.batch_size = int(np.ceil(num_samples / dp)) * dp
+    loaded[name] = (*load_trained(d, config, mesh), mesh)
+  first = loaded.get("base") or loaded["predictor"]
+  task, _, _, mesh = first
+  batch = jax.tree.map(lambda x: x[:num_samples], _host(task.fixed_batch(mesh)))
+  for name, value in (labels or {}).items():
+    if name not in batch.get("labels", {}):
+      raise ValueError(f"--labels {name}={value}: the pipeline has labels {sorted(batch.get('labels', {}))}")
+    batch["labels"][name] = np.full_like(batch["labels"][name], value)
+  if prompt is not None:
+    if getattr(task, "tokenize", None) is None or "caption_ids" not in batch:
+      raise ValueError("--prompt: the pipeline is not text-conditioned")
+    batch["caption_ids"] = np.broadcast_to(task.tokenize(prompt), batch["caption_ids"].shape).copy()
+
+  interp = loaded.get("interpolator")
+  passes = 0 if interp is None else (2 if interpolations is None else int(interpolations))
+  if interp is not None and passes > max(1, interp[0].unet_config.temporal.num_regimes):
+    raise ValueError(f"--interpolations={passes}: the interpolator has "
+                     f"{interp[0].unet_config.temporal.num_regimes} regimes")
+  stride = int(interp[0].config.masked.stride) if interp is not None else 1
+  key_fps = float(first[0].config.data.fps)
+  fps = key_fps * stride ** passes
+  window = int(loaded["predictor"][0].num_frames) if "predictor" in loaded else int(first[0].num_frames)
+  nc = int(loaded["predictor"][0].config.masked.num_context) if "predictor" in loaded else 0
+  if seconds:
+    frames = max(2, int(round(float(seconds) * fps)))
+    num_key_frames = int(math.ceil((frames - 1) / stride ** passes)) + 1
+  else:
+    windows = 4 if num_windows is None else int(num_windows)
+    num_key_frames = pipeline.frames_of_windows(windows, window, nc) if "predictor" in loaded else window
+  if "predictor" not in loaded:
+    num_key_frames = min(num_key_frames, int(first[0].num_frames))
+
+  stages = {k: v[:3] for k, v in loaded.items()}
+  copts = compiler_options(first[0].config)
+  chunks = pipeline.long_video(batch=batch, rng=jax.random.PRNGKey(seed), num_key_frames=num_key_frames,
+                               base=stages.get("base"), predictor=stages.get("predictor"),
+                               interpolator=stages.get("interpolator"), interpolations=passes, progress=progress,
+                               compiler_options=copts)
+  videos = np.concatenate([_host(c) for c in chunks], axis=1)
+  root = spec.split(",")[0].strip()
+  paths = {}
+  if jax.process_index() == 0:
+    paths = write_outputs(videos, output or os.path.join(root, "sample"), fps, upscale, sheet_frames=16)
+  return dict(paths, videos=videos, fps=fps, num_key_frames=num_key_frames)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Command line.
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -308,11 +438,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   mode = parser.add_mutually_exclusive_group(required=True)
   mode.add_argument("--workdir", help="training workdir (a chain's or one stage's): write videos")
   mode.add_argument("--checkpoint", help="output directory of videoldm_jax.convert: text-to-image")
+  mode.add_argument("--pipeline", help="long video: a chain workdir, or a comma list of base / predictor / "
+                    "interpolator workdirs (key frames -> rollout -> interpolate x4 -> x4 -> decode)")
   parser.add_argument("--stage", default=None, help="workdir mode: which stage of a chain (default: the last)")
   parser.add_argument("--num_samples", type=int, default=4, help="workdir mode: number of videos")
   parser.add_argument("--batch_size", type=int, default=1, help="workdir mode: videos per sampler call")
+  parser.add_argument("--num_frames", type=int, default=0, help="workdir mode: clip length (0: as trained)")
   parser.add_argument("--labels", default="", help="workdir mode: e.g. day_night=1,crowdedness=3 (RDS labels)")
   parser.add_argument("--upscale", type=int, default=0, help="workdir mode: pixel repeat factor (0: >= 128 px)")
+  parser.add_argument("--seconds", type=float, default=None, help="pipeline mode: length of the final video")
+  parser.add_argument("--num_windows", type=int, default=None, help="pipeline mode: key-frame windows (the "
+                      "first + predictor windows; default 4 unless --seconds)")
+  parser.add_argument("--interpolations", type=int, default=None, help="pipeline mode: x4 interpolation passes "
+                      "(0-2; default 2 with an interpolator)")
+  parser.add_argument("--context_guidance", type=float, default=None, help="predictor / interpolator context "
+                      "guidance scale s: f(no context) + s (f(context) - f(no context)) (default: config)")
   parser.add_argument("--prompt", action="append", help="text (repeat for a batch in checkpoint mode)")
   parser.add_argument("--negative_prompt", default="")
   parser.add_argument("--steps", type=int, default=None, help="DDIM steps (checkpoint mode: 50; workdir: config)")
@@ -326,6 +466,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "without extension for .mp4/.gif/.png (default WORKDIR/sample)")
   args = parser.parse_args(argv)
 
+  if args.pipeline:
+    try:
+      out = sample_pipeline(args.pipeline, num_samples=args.num_samples, seconds=args.seconds,
+                            num_windows=args.num_windows, interpolations=args.interpolations,
+                            guidance=args.guidance, context_guidance=args.context_guidance, steps=args.steps,
+                            seed=args.seed, labels=_parse_labels(args.labels),
+                            prompt=args.prompt[0] if args.prompt else None, output=args.output, upscale=args.upscale)
+    except (ValueError, FileNotFoundError) as e:
+      parser.error(str(e))
+    print(f"{out['videos'].shape[1]} frames at {out['fps']:g} fps from {out['num_key_frames']} key frames")
+    for kind in ("mp4", "gif", "png"):
+      if kind in out:
+        print(f"wrote {out[kind]}")
+    return 0
+
   if args.workdir:
     if args.prompt and len(args.prompt) > 1:
       parser.error("--prompt: one prompt in workdir mode (it conditions every video)")
@@ -333,7 +488,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       out = sample_workdir(args.workdir, stage=args.stage, num_samples=args.num_samples, batch_size=args.batch_size,
                            guidance=args.guidance, steps=args.steps, seed=args.seed,
                            labels=_parse_labels(args.labels), prompt=args.prompt[0] if args.prompt else None,
-                           output=args.output, upscale=args.upscale)
+                           num_frames=args.num_frames, output=args.output, upscale=args.upscale)
     except (ValueError, FileNotFoundError) as e:
       parser.error(str(e))
     for kind in ("mp4", "gif", "png"):

@@ -9,6 +9,20 @@ Temporal layers are interleaved with frozen spatial layers and merged with an :c
 * :class:`TemporalTransformerBlock`: temporal self-attention over frames (optionally windowed to
   ``max_frame_distance``), optional cross-attention to a conditioning sequence, GEGLU feed-forwards.
 * :func:`frame_position_features`: sinusoidal frame-index features; the caller owns the ``temporal_pos_embed`` MLP.
+* :class:`TemporalConditionEncoder` (``temporal_cond``, prediction / interpolation models, Sec. 3.2-3.3): the
+  masked context ``c = concat(m * z0, m)`` ``[(b t), h, w, C + 1]`` goes through a learned strided-conv
+  downsampling to one feature map per U-Net level; the conditioning-augmentation noise level (sinusoidal -> MLP)
+  and an optional regime label (interpolator T->4T vs 4T->16T) are embedded and added to its first features.
+  Every :class:`TemporalResBlock` at a level adds a zero-initialised 1x1x1 projection (``temporal_cond_proj``) of
+  that level's features to its hidden state where the per-frame timestep embedding is added.
+
+  Why this placement: the paper feeds c_S "into the temporal layers after a learned downsampling" without saying
+  where; the 3D-conv ResBlocks are the temporal layers that see the spatial grid at every resolution, and their
+  timestep-embedding slot is the natural place for an additive per-frame, per-pixel signal. The projections
+  start at zero, so a key-frame (base) checkpoint loaded into a predictor / interpolator initially gives exactly
+  the base model's output, and every new param sits under a ``temporal`` path (trained by ``.*temporal.*``).
+  With an all-zero mask the input is exactly zero whatever ``z0`` is, so "no context" (``None``) is the
+  all-zero-mask call: the unconditional branch of context guidance is well defined.
 
 Module and parameter names mirror diffusers (``TemporalResnetBlock``, ``TemporalBasicTransformerBlock``,
 ``AlphaBlender``) so SVD weights map mechanically. Layouts: videos ``[b, t, h, w, c]``, temporal tokens
@@ -50,6 +64,10 @@ class TemporalConfig:
     kernel_size: temporal ResBlock conv kernel ``(t, h, w)``.
     zero_init: zero-initialise the last conv of each temporal ResBlock (sgm); diffusers does not.
     dropout: dropout rate inside temporal ResBlocks.
+    mask_conditioning: build the ``temporal_cond`` encoder (masked context frames into the temporal ResBlocks;
+      predictor / interpolator). False keeps the key-frame model's param tree exactly.
+    num_regimes: number of regime labels embedded by ``temporal_cond`` (interpolator: 2, T->4T and 4T->16T);
+      0 = no regime input.
   """
   merge_strategy: str = "learned_with_images"
   merge_factor: float = 0.5
@@ -60,10 +78,14 @@ class TemporalConfig:
   kernel_size: Tuple[int, int, int] = (3, 1, 1)
   zero_init: bool = True
   dropout: float = 0.0
+  mask_conditioning: bool = False
+  num_regimes: int = 0
 
   def __post_init__(self):
     if self.merge_strategy not in MERGE_STRATEGIES:
       raise ValueError(f"merge_strategy must be one of {MERGE_STRATEGIES}, got {self.merge_strategy!r}")
+    if self.num_regimes < 0 or (self.num_regimes and not self.mask_conditioning):
+      raise ValueError(f"num_regimes={self.num_regimes} needs mask_conditioning=True and must be >= 0")
     object.__setattr__(self, "kernel_size", tuple(self.kernel_size))  # JSON round-trip gives a list
 
   @classmethod
@@ -133,8 +155,10 @@ class TemporalResBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, emb: Optional[jax.Array] = None, *, deterministic: bool = True) -> jax.Array:
-    """``x``: ``[b, t, h, w, c]``; ``emb``: per-frame diffusion-time embedding ``[b, t, E]`` (or None)."""
+  def __call__(self, x: jax.Array, emb: Optional[jax.Array] = None, *, cond: Optional[jax.Array] = None,
+               deterministic: bool = True) -> jax.Array:
+    """``x``: ``[b, t, h, w, c]``; ``emb``: per-frame diffusion-time embedding ``[b, t, E]`` (or None);
+    ``cond``: ``temporal_cond`` features of this level ``[b, t, h, w, c']`` (or None: no such projection)."""
     if x.shape[-1] != self.features:
       raise ValueError(f"TemporalResBlock keeps the channel count: input has {x.shape[-1]}, features={self.features}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -146,6 +170,9 @@ class TemporalResBlock(nn.Module):
     if emb is not None:
       e = layers.dense(self.features, name="time_emb_proj", **kw)(nn.silu(emb))
       h = h + e[:, :, None, None, :].astype(h.dtype)
+    if cond is not None:  # zero-init: a key-frame checkpoint loaded into a predictor is unchanged at first
+      h = h + layers.conv(self.features, (1, 1, 1), name="temporal_cond_proj",
+                          kernel_init=nn.initializers.zeros_init(), **kw)(cond.astype(self.dtype))
     h = layers.group_norm(name="norm2", num_groups=self.num_groups, epsilon=self.eps, **kw)(h)
     h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
     # Zero-init makes the block the identity at init, so inserting it leaves the image model unchanged.
@@ -239,3 +266,51 @@ def frame_position_features(num_frames: int, dim: int, max_period: float = 10000
   """Sinusoidal (cos | sin) features of frame indices ``0..t-1``: ``[t, dim]`` fp32 (input of temporal_pos_embed)."""
   return layers.sinusoidal_embedding(jnp.arange(num_frames), dim, flip_sin_to_cos=True, downscale_freq_shift=0.0,
                                      max_period=max_period)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mask conditioning of the prediction / interpolation models.
+
+class TemporalConditionEncoder(nn.Module):
+  """``temporal_cond``: masked context frames -> one feature map per U-Net level (see the module docstring).
+
+  Per frame: conv_in (3x3) + embedding bias, then for each level a (stride-2 for levels > 0) 3x3 conv and a 3x3
+  conv, SiLU in between; the stride-2 convs pad like the U-Net's ``Downsample2D`` so the sizes match its levels.
+  """
+  level_channels: Tuple[int, ...]
+  embed_dim: int
+  num_regimes: int = 0
+  downsample_padding: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, cond: jax.Array, noise_level: jax.Array, regime: Optional[jax.Array] = None):
+    """Args:
+      cond: ``[n, h, w, C + 1]`` per-frame ``concat(m * z0, m)`` (n = videos * frames).
+      noise_level: ``[n]`` conditioning-augmentation level (diffusion timestep of the noise on known frames).
+      regime: ``[n]`` int regime label (only with ``num_regimes``).
+    Returns:
+      list over levels of ``[n, h / 2**i, w / 2**i, level_channels[i]]``.
+    """
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    ch0 = self.level_channels[0]
+    h = layers.conv(ch0, name="conv_in", **kw)(cond.astype(self.dtype))
+    level = layers.sinusoidal_embedding(jnp.asarray(noise_level, jnp.float32).reshape(-1), ch0)
+    emb = layers.TimestepEmbedding(self.embed_dim, name="noise_level_embedding", **kw)(level.astype(self.dtype))
+    if self.num_regimes:
+      if regime is None:
+        raise ValueError("temporal_cond has a regime embedding (num_regimes): pass the regime label")
+      table = nn.Embed(self.num_regimes, self.embed_dim, name="regime_embedding", param_dtype=self.param_dtype,
+                       embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")))
+      emb = emb + table(jnp.clip(jnp.asarray(regime, jnp.int32).reshape(-1), 0, self.num_regimes - 1)).astype(
+          emb.dtype)
+    h = h + layers.dense(ch0, name="emb_proj", **kw)(nn.silu(emb))[:, None, None, :]
+    pad = [(1, 1), (1, 1)] if self.downsample_padding == 1 else [(0, 1), (0, 1)]
+    features = []
+    for i, ch in enumerate(self.level_channels):
+      if i > 0:
+        h = layers.conv(ch, strides=(2, 2), padding=pad, name=f"down_{i}", **kw)(nn.silu(h))
+      h = h + layers.conv(ch, name=f"block_{i}", **kw)(nn.silu(h))
+      features.append(h)
+    return features

@@ -11,6 +11,10 @@ a ``temporal_mixer``, every ``Transformer2DModel`` runs a temporal transformer b
 spatial param tree is unchanged (image weights load as they are) and every temporal param has ``temporal`` in its
 path. Frames are folded into the batch ``[(b t), h, w, c]`` (or given as ``[b, t, h, w, c]``) with ``num_frames``
 static; ``image_only_indicator`` ``[b, t]`` makes flagged frames bypass the temporal layers (alpha = 1).
+
+With ``temporal.mask_conditioning`` (prediction / interpolation models) a ``temporal_cond`` encoder turns the
+masked context frames ``concat(m * z0, m)`` into one feature map per level, added (zero-initialised projection)
+inside every ``temporal_res`` block of that level; see ``models/temporal.py`` for the design.
 """
 
 from __future__ import annotations
@@ -80,7 +84,9 @@ class UNetConfig:
   temporal: Optional[temporal_lib.TemporalConfig] = None  # None: image model; else the video U-Net
   # Runtime options (no effect on parameters).
   attention_implementation: Optional[str] = None  # jax.nn.dot_product_attention implementation
-  remat: bool = False  # rematerialise every ResnetBlock2D / Transformer2DModel in the backward pass
+  # Rematerialisation of every ResnetBlock2D / Transformer2DModel (with its temporal layers) in the backward pass:
+  # a REMAT_POLICIES name; bools are accepted (False = "none", True = "full").
+  remat: Any = "none"
 
   def __post_init__(self):
     levels = len(self.block_out_channels)
@@ -104,6 +110,7 @@ class UNetConfig:
         raise ValueError(f"UNetConfig: {ch} channels not divisible by {heads} heads")
       if ch % self.norm_num_groups:
         raise ValueError(f"UNetConfig: {ch} channels not divisible by {self.norm_num_groups} norm groups")
+    object.__setattr__(self, "remat", remat_name(self.remat))
     if self.downsample_padding not in (0, 1):
       raise ValueError(f"UNetConfig.downsample_padding must be 0 or 1, got {self.downsample_padding}")
     if isinstance(self.temporal, dict):  # from JSON
@@ -305,8 +312,12 @@ class ResnetBlock2D(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: Optional[jax.Array], num_frames: Optional[int] = None,
-               image_only_indicator: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
-    """``x`` ``[b, h, w, c_in]``, ``temb`` ``[b, d]`` -> ``[b, h, w, out_channels]`` (video: b = videos * frames)."""
+               image_only_indicator: Optional[jax.Array] = None, deterministic: bool = True,
+               frame_cond: Optional[jax.Array] = None) -> jax.Array:
+    """``x`` ``[b, h, w, c_in]``, ``temb`` ``[b, d]`` -> ``[b, h, w, out_channels]`` (video: b = videos * frames).
+
+    ``frame_cond`` ``[b, h, w, c']``: ``temporal_cond`` features of this level (mask-conditioned models only).
+    """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = dict(num_groups=self.norm_num_groups, epsilon=self.eps, **kw)
     h = nn.silu(layers.group_norm(name="norm1", **norm)(x))
@@ -326,9 +337,11 @@ class ResnetBlock2D(nn.Module):
         raise ValueError("the video ResnetBlock2D needs num_frames")
       video = einops.rearrange(out, "(b t) h w c -> b t h w c", t=num_frames)
       frame_temb = None if temb is None else einops.rearrange(temb, "(b t) e -> b t e", t=num_frames)
+      cond = None if frame_cond is None else einops.rearrange(frame_cond, "(b t) h w c -> b t h w c", t=num_frames)
       mixed = temporal_lib.TemporalResBlock(
           self.out_channels, tc.kernel_size, eps=self.eps, num_groups=self.norm_num_groups, dropout=tc.dropout,
-          zero_init=tc.zero_init, name="temporal_res", **kw)(video, frame_temb, deterministic=deterministic)
+          zero_init=tc.zero_init, name="temporal_res", **kw)(video, frame_temb, cond=cond,
+                                                               deterministic=deterministic)
       video = temporal_lib.AlphaBlender(tc.merge_strategy, tc.merge_factor, name="temporal_mixer",
                                         param_dtype=self.param_dtype)(video, mixed, image_only_indicator)
       out = _constrain(einops.rearrange(video, "b t h w c -> (b t) h w c"))
@@ -361,14 +374,47 @@ class Upsample2D(nn.Module):
     return layers.conv(self.channels, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Rematerialisation policies (per block).
+# ---------------------------------------------------------------------------------------------------------------
+
+def _save_dots_and_convs(prim, *_, **__) -> bool:
+  """``jax.checkpoint`` policy: keep matmul and convolution outputs, recompute everything between them."""
+  return prim.name in ("dot_general", "conv_general_dilated")
+
+
+# name -> jax.checkpoint policy (None: save nothing, recompute the whole block)
+REMAT_POLICIES = {
+    "none": None,                  # no remat: every activation of the block kept for the backward pass
+    "full": None,                  # jax.checkpoint_policies.nothing_saveable: the block's forward runs twice
+    "dots": _save_dots_and_convs,  # norms / SiLU / softmax / residual adds recomputed, matmuls and convs saved
+}
+
+
+def remat_name(value) -> str:
+  """``UNetConfig.remat`` value -> a ``REMAT_POLICIES`` name (bools: False -> "none", True -> "full")."""
+  if isinstance(value, bool):
+    return "full" if value else "none"
+  if value not in REMAT_POLICIES:
+    raise ValueError(f"UNetConfig.remat={value!r}: expected one of {sorted(REMAT_POLICIES)} (or a bool)")
+  return value
+
+
+def _rematted(cls, config: UNetConfig, static_argnums: Tuple[int, ...]):
+  if config.remat == "none":
+    return cls
+  return nn.remat(cls, static_argnums=static_argnums, policy=REMAT_POLICIES[config.remat])
+
+
 def _resnet_cls(config: UNetConfig):
-  # Positional call (x, temb, num_frames, image_only_indicator, deterministic); indices count ``self`` as 0.
-  return nn.remat(ResnetBlock2D, static_argnums=(3, 5)) if config.remat else ResnetBlock2D
+  # Positional call (x, temb, num_frames, image_only_indicator, deterministic, frame_cond); indices count ``self``
+  # as 0.
+  return _rematted(ResnetBlock2D, config, (3, 5))
 
 
 def _transformer_cls(config: UNetConfig):
   # Positional call (x, context, num_frames, image_only_indicator, temporal_context).
-  return nn.remat(Transformer2DModel, static_argnums=(3,)) if config.remat else Transformer2DModel
+  return _rematted(Transformer2DModel, config, (3,))
 
 
 def _resnet(config: UNetConfig, out_channels: int, name: str, dtype, param_dtype, scale: float = 1.0):
@@ -399,14 +445,15 @@ class UNetDownBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, temb, context=None, num_frames=None, image_only_indicator=None, deterministic=True,
-               temporal_context=None):
+               temporal_context=None, frame_cond=None):
     cfg, i = self.config, self.level
+    frame_cond = None if frame_cond is None else frame_cond[i]
     channels = cfg.block_out_channels[i]
     has_attention = cfg.down_block_types[i] == "CrossAttnDownBlock2D"
     skips: List[jax.Array] = []
     for j in range(cfg.layers_per_block[i]):
       x = _resnet(cfg, channels, f"resnets_{j}", self.dtype, self.param_dtype)(
-          x, temb, num_frames, image_only_indicator, deterministic)
+          x, temb, num_frames, image_only_indicator, deterministic, frame_cond)
       if has_attention:
         x = _transformer(cfg, channels, cfg.num_attention_heads[i], cfg.transformer_layers_per_block[i],
                          cfg.only_cross_attention[i], f"attentions_{j}", self.dtype, self.param_dtype)(
@@ -427,17 +474,18 @@ class UNetMidBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, temb, context=None, num_frames=None, image_only_indicator=None, deterministic=True,
-               temporal_context=None):
+               temporal_context=None, frame_cond=None):
     cfg = self.config
+    frame_cond = None if frame_cond is None else frame_cond[-1]
     channels = cfg.block_out_channels[-1]
     scale = cfg.mid_block_scale_factor
     x = _resnet(cfg, channels, "resnets_0", self.dtype, self.param_dtype, scale)(
-        x, temb, num_frames, image_only_indicator, deterministic)
+        x, temb, num_frames, image_only_indicator, deterministic, frame_cond)
     x = _transformer(cfg, channels, cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1],
                      False, "attentions_0", self.dtype, self.param_dtype)(
                          x, context, num_frames, image_only_indicator, temporal_context)
     x = _resnet(cfg, channels, "resnets_1", self.dtype, self.param_dtype, scale)(
-        x, temb, num_frames, image_only_indicator, deterministic)
+        x, temb, num_frames, image_only_indicator, deterministic, frame_cond)
     return _constrain(x)
 
 
@@ -454,16 +502,17 @@ class UNetUpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, skips: Sequence[jax.Array], temb, context=None, upsample_size=None, num_frames=None,
-               image_only_indicator=None, deterministic=True, temporal_context=None):
+               image_only_indicator=None, deterministic=True, temporal_context=None, frame_cond=None):
     cfg, i = self.config, self.index
     level = cfg.num_levels - 1 - i  # the matching down level
+    frame_cond = None if frame_cond is None else frame_cond[level]
     channels = cfg.block_out_channels[level]
     has_attention = cfg.up_block_types[i] == "CrossAttnUpBlock2D"
     skips = list(skips)
     for j in range(cfg.layers_per_block[level] + 1):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
       x = _resnet(cfg, channels, f"resnets_{j}", self.dtype, self.param_dtype)(
-          x, temb, num_frames, image_only_indicator, deterministic)
+          x, temb, num_frames, image_only_indicator, deterministic, frame_cond)
       if has_attention:
         x = _transformer(cfg, channels, cfg.num_attention_heads[level], cfg.transformer_layers_per_block[level],
                          cfg.only_cross_attention[level], f"attentions_{j}", self.dtype, self.param_dtype)(
@@ -500,7 +549,9 @@ class UNet(nn.Module):
   def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: Optional[jax.Array] = None,
                *, class_labels: Optional[jax.Array] = None, added_cond: Optional[jax.Array] = None,
                num_frames: Optional[int] = None, image_only_indicator: Optional[jax.Array] = None,
-               temporal_context: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
+               temporal_context: Optional[jax.Array] = None, cond_latents: Optional[jax.Array] = None,
+               cond_mask: Optional[jax.Array] = None, cond_noise_level: Optional[jax.Array] = None,
+               cond_regime: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
     """Denoiser forward pass.
 
     Args:
@@ -517,6 +568,12 @@ class UNet(nn.Module):
       image_only_indicator: ``[b / t, t]``; true frames skip the temporal layers (alpha = 1). None = all video.
       temporal_context: ``[b / t, m, d]`` context of the temporal cross-attention when
         ``config.temporal.use_spatial_context`` is False.
+      cond_latents: ``[b / t, t, h, w, out_channels]`` (or frame-folded ``[b, h, w, out_channels]``) latents of
+        the context frames (``temporal.mask_conditioning`` only; None = zeros). Unknown frames' values never
+        matter: they are multiplied by the mask.
+      cond_mask: ``[b / t, t]`` 1 on known (context) frames (None = all zero: the unconditional model).
+      cond_noise_level: ``[b / t]`` (or per frame) conditioning-augmentation level of the known frames (None = 0).
+      cond_regime: ``[b / t]`` int regime label (``temporal.num_regimes`` > 0; None = 0).
       deterministic: disables dropout.
     Returns:
       ``[b, h, w, out_channels]`` (``[b, t, h, w, out_channels]`` for a 5D ``sample``) in ``dtype``.
@@ -573,8 +630,9 @@ class UNet(nn.Module):
     elif added_cond is not None:
       raise ValueError("added_cond given, but the config has no addition_embed_dim")
 
+    frame_cond = self._frame_cond(sample, num_frames, cond_latents, cond_mask, cond_noise_level, cond_regime)
     block_kw = dict(num_frames=num_frames, image_only_indicator=image_only_indicator, deterministic=deterministic,
-                    temporal_context=temporal_context)
+                    temporal_context=temporal_context, frame_cond=frame_cond)
     x = _constrain(layers.conv(cfg.block_out_channels[0], name="conv_in", **kw)(sample))
     skips = [x]
     for i in range(cfg.num_levels):
@@ -591,6 +649,35 @@ class UNet(nn.Module):
                                   **kw)(x))
     x = layers.conv(cfg.out_channels, name="conv_out", **kw)(x)
     return einops.rearrange(x, "(b t) h w c -> b t h w c", t=num_frames) if video_input else x
+
+  def _frame_cond(self, sample, num_frames, latents, mask, noise_level, regime) -> Optional[List[jax.Array]]:
+    """``temporal_cond`` features per level (None for models without mask conditioning)."""
+    cfg = self.config
+    tc = cfg.temporal
+    if tc is None or not tc.mask_conditioning:
+      if any(v is not None for v in (latents, mask, noise_level, regime)):
+        raise ValueError("cond_latents / cond_mask / cond_noise_level / cond_regime need temporal.mask_conditioning")
+      return None
+    n, h, w = sample.shape[:3]
+    c = cfg.out_channels
+    mask = jnp.zeros((n // num_frames, num_frames), jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+    mask = mask.reshape(n, 1, 1, 1)
+    if latents is None:
+      latents = jnp.zeros((n, h, w, c), self.dtype)
+    latents = latents.reshape(n, h, w, c).astype(self.dtype)
+    # m * z0: unknown frames (m = 0) contribute exact zeros, whatever their latents hold.
+    cond = jnp.concatenate([mask.astype(self.dtype) * latents, jnp.broadcast_to(mask, (n, h, w, 1)).astype(
+        self.dtype)], axis=-1)
+    level = jnp.zeros((n,), jnp.float32) if noise_level is None else _per_frame(
+        jnp.asarray(noise_level, jnp.float32).reshape(-1), n, num_frames, "cond_noise_level")
+    if tc.num_regimes:
+      regime = jnp.zeros((n,), jnp.int32) if regime is None else _per_frame(
+          jnp.asarray(regime, jnp.int32).reshape(-1), n, num_frames, "cond_regime")
+    elif regime is not None:
+      raise ValueError("cond_regime given, but temporal.num_regimes is 0")
+    return temporal_lib.TemporalConditionEncoder(
+        cfg.block_out_channels, cfg.time_embed_dim, tc.num_regimes, cfg.downsample_padding, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="temporal_cond")(cond, level, regime)
 
 
 def dummy_inputs(config: UNetConfig, batch: int = 1, size: int = 8, tokens: int = 2) -> Dict[str, Any]:

@@ -29,6 +29,8 @@ _MODULES: Dict[str, str] = {
     "image": "latent_diffusion",
     "base": "latent_diffusion",
     "autoencoder": "autoencoder",
+    "predictor": "masked",
+    "interpolator": "masked",
 }
 
 

@@ -376,7 +376,7 @@ class AutoencoderTask(TaskDefaults):
                                                 state.params[DISC])})
     ema = state.ema_params
     if ema is not None:
-      ema = optim.ema_update(ema, params, float(self.config.ema_decay))
+      ema = optim.ema_update(ema, params, float(self.config.ema_decay), state.step + 1)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = optim.TrainState(step=state.step + 1, params=keep(params, state.params),
                                  opt_state=keep(opt_state, state.opt_state),

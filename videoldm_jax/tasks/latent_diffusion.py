@@ -122,6 +122,9 @@ class Tokenize:
 class LatentDiffusionTask(TaskDefaults):
   """Image / key-frame video latent diffusion (see module docstring)."""
 
+  # Batch fields the input pipeline hands to the step (subclasses add what their conditioning needs).
+  batch_fields = ("video", "latents", "labels", "caption_ids", "cond_mask")
+
   def __init__(self, config):
     self.config = config
     self.video = config.stage != "image"
@@ -223,7 +226,7 @@ class LatentDiffusionTask(TaskDefaults):
   def _dataset(self, mesh, data_config):
     local = self.config.batch_size // jax.process_count()
     ds = data_pipeline.make_dataset(data_config, local, tokenize_fn=self.tokenize)
-    keep = ("video", "latents", "labels", "caption_ids", "cond_mask")
+    keep = self.batch_fields
     spec = P(parallel.BATCH_AXES)
     return ds.map(lambda b: {k: v for k, v in b.items() if k in keep}).map(
         functools.partial(data_pipeline.make_global_batch, mesh=mesh, partition_spec=spec))
@@ -272,13 +275,14 @@ class LatentDiffusionTask(TaskDefaults):
     z = vae_lib.DiagonalGaussian(moments).sample(rng) * self.vae_config.scaling_factor
     return jax.lax.stop_gradient(einops.rearrange(z, "(b t) h w c -> b t h w c", b=b))
 
-  def denoise(self, params, x_t, t, context) -> jax.Array:
-    """``x_t`` ``[b, t, h, w, c]``, ``t`` ``[b]``, ``context`` ``[b, n, d]`` -> prediction ``[b, t, h, w, c]``."""
+  def denoise(self, params, x_t, t, context, **unet_kwargs) -> jax.Array:
+    """``x_t`` ``[b, t, h, w, c]``, ``t`` ``[b]``, ``context`` ``[b, n, d]`` -> prediction ``[b, t, h, w, c]``.
+    ``unet_kwargs`` go to the U-Net as they are (e.g. the mask conditioning of the predictor)."""
     b, nt = x_t.shape[:2]
     x = einops.rearrange(x_t, "b t h w c -> (b t) h w c")
-    kw = {}
+    kw = dict(unet_kwargs)
     if self.video:
-      kw = dict(num_frames=nt, image_only_indicator=jnp.zeros((b, nt), jnp.float32))
+      kw.update(num_frames=nt, image_only_indicator=jnp.zeros((b, nt), jnp.float32))
     out = self.unet.apply({"params": params["unet"]}, x, jnp.repeat(t, nt), jnp.repeat(context, nt, axis=0), **kw)
     return einops.rearrange(out, "(b t) h w c -> b t h w c", b=b)
 
@@ -304,8 +308,21 @@ class LatentDiffusionTask(TaskDefaults):
   def sample_fn(self, trainable, frozen, batch, rng) -> jax.Array:
     """DDIM + classifier-free guidance for the first ``config.sampling.num_samples`` conditions of ``batch``;
     returns uint8 videos ``[n, t, H, W, 3]``."""
-    sc = self.config.sampling
     params = optim.merge(trainable, frozen)
+    return self.decode_latents(params, self.sample_latents(params, batch, rng))
+
+  def decode_latents(self, params, z) -> jax.Array:
+    """Scaled latents ``[n, t, h, w, c]`` -> uint8 videos ``[n, t, H, W, 3]`` (frozen VAE decoder)."""
+    n = z.shape[0]
+    frames = einops.rearrange(z, "b t h w c -> (b t) h w c") / self.vae_config.scaling_factor
+    images = self.vae.apply({"params": params["vae"]}, frames.astype(self.dtype), method="decode")
+    images = jnp.clip((images.astype(jnp.float32) + 1.0) * 127.5, 0, 255).astype(jnp.uint8)
+    return einops.rearrange(images, "(b t) h w c -> b t h w c", b=n)
+
+  def sample_latents(self, params, batch, rng) -> jax.Array:
+    """DDIM + classifier-free guidance: latents ``[n, t, h, w, c]`` for the first ``config.sampling.num_samples``
+    conditions of ``batch`` (merged ``params``)."""
+    sc = self.config.sampling
     n = int(sc.num_samples)
     batch = jax.tree.map(lambda x: x[:n], batch)
     cond = self.context(params, batch)
@@ -325,9 +342,5 @@ class LatentDiffusionTask(TaskDefaults):
     def guided(x, t):
       return diffusion.guided_prediction(model_fn, x, t, cond, uncond, float(sc.guidance_scale))
 
-    z = diffusion.ddim_sample(guided, x_T, self.noise_schedule, int(sc.num_steps), eta=float(sc.eta),
-                              rng=ddim_rng if sc.eta else None)
-    frames = einops.rearrange(z, "b t h w c -> (b t) h w c") / self.vae_config.scaling_factor
-    images = self.vae.apply({"params": params["vae"]}, frames.astype(self.dtype), method="decode")
-    images = jnp.clip((images.astype(jnp.float32) + 1.0) * 127.5, 0, 255).astype(jnp.uint8)
-    return einops.rearrange(images, "(b t) h w c -> b t h w c", b=n)
+    return diffusion.ddim_sample(guided, x_T, self.noise_schedule, int(sc.num_steps), eta=float(sc.eta),
+                                 rng=ddim_rng if sc.eta else None)

@@ -10,6 +10,7 @@ on held-out ground-truth clips (the stage's fixed batch, latents from the frozen
    (steady motion keeps it flat; drift shows as a trend).
 
   python benchmarks/rollout_eval.py --workdir=/tmp/rollout_eval [--model_init=/tmp/videoldm_rds/base] [--steps=60]
+  python benchmarks/rollout_eval.py --workdir=/tmp/videoldm_rds/predictor   # a trained one, with its own config
 """
 
 from __future__ import annotations
@@ -36,11 +37,14 @@ def main():
   args = p.parse_args()
   parallel.make_mesh = functools.partial(parallel.make_mesh, devices=jax.devices()[:1])
 
-  config = rds.get_config("stage=predictor,runlocal")
-  config.total_steps = args.steps
-  config.sample_every_steps = 0
-  config.eval_every_steps = args.steps
-  config.model_init = args.model_init
+  if os.path.exists(os.path.join(args.workdir, "config.json")):  # a trained predictor, e.g. a chain's
+    config = sample.load_run_config(args.workdir)
+  else:
+    config = rds.get_config("stage=predictor,runlocal")
+    config.total_steps = args.steps
+    config.sample_every_steps = 0
+    config.eval_every_steps = args.steps
+    config.model_init = args.model_init
   if not train.finished(config, args.workdir):
     res = train.train_and_evaluate(config, args.workdir)
     print("train eval loss:", [(h["step"], round(h["eval_loss"], 4)) for h in res.eval_history])

@@ -40,7 +40,7 @@ from configs import common
 CHAIN = ("autoencoder", "image", "base", "predictor", "interpolator")
 # runlocal chain: more steps than the stage-by-stage smoke runs (on a CPU a step costs far less than compiling it),
 # so that its videos show a road under a day or night sky.
-RUNLOCAL_CHAIN_STEPS = {"autoencoder": 100, "image": 400, "base": 80, "predictor": 60, "interpolator": 60}
+RUNLOCAL_CHAIN_STEPS = {"autoencoder": 100, "image": 400, "base": 80, "predictor": 200, "interpolator": 200}
 RUNLOCAL_CHAIN_SECONDS = 32.0  # length of the chain's closing pipeline video (at the interpolated 30 fps)
 RUNLOCAL_CHAIN_VAE_SCALE = 0.7  # ~1 / the latent std (z_std) the runlocal autoencoder reaches (LDM's scale_by_std)
 

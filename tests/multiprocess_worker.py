@@ -36,6 +36,9 @@ def make_config(steps: int):
   c.checkpoint_every_steps = steps
   c.log_every_steps = 1
   c.cpu_fast_compile = True  # compile-bound: a few steps only
+  # The smallest clips the tiny models take (2 frames, 16x32 px -> 2x4 latents): XLA -O0 steps stay cheap.
+  c.data.num_frames = 2
+  c.data.height, c.data.width = 16, 32
   c.mesh.ici_data_parallelism = -1
   c.mesh.ici_fsdp_parallelism = 4
   c.mesh.dcn_data_parallelism = -1

@@ -12,7 +12,7 @@ import numpy as np
 import multiprocess_worker
 from videoldm_jax import checkpoint, local_cluster, train
 
-STEPS = 3
+STEPS = 2
 
 
 def test_two_processes_train_like_one(tmp_path):

@@ -54,7 +54,7 @@ class _Net(nn.Module):
     ("data_parallel", {"conv/kernel": P(None, None, None, None), "up/kernel": P(None, None)}),
     ("fsdp", {"conv/kernel": P(None, None, None, "fsdp"), "up/kernel": P("fsdp", None),
               "down/kernel": P(None, "fsdp"), "norm/scale": P(None)}),
-    ("fsdp_tensor", {"conv/kernel": P(None, None, "tensor", "fsdp"), "up/kernel": P("fsdp", "tensor"),
+    ("fsdp_tensor", {"conv/kernel": P(None, None, None, "fsdp"), "up/kernel": P("fsdp", "tensor"),
                      "down/kernel": P("tensor", "fsdp")}),
 ])
 def test_param_shardings_from_rules(preset, expected):
@@ -92,3 +92,29 @@ def test_initialize_distributed_is_a_noop_single_process(monkeypatch):
     monkeypatch.delenv(k, raising=False)
   parallel.initialize_distributed(_config())
   assert jax.process_count() == 1
+
+
+def test_validation_rejects_batch_not_divisible_by_data_x_fsdp():
+  config = _config(ici_data_parallelism=2, ici_fsdp_parallelism=4)
+  config.batch_size = 12
+  with pytest.raises(ValueError, match=r"config\.batch_size=12 is not divisible by the data-parallel size 8"):
+    common.validate(config)
+  config.batch_size = 16
+  common.validate(config)
+  # With a -1 knob the size is known only with the devices: the mesh-time check names the key the same way.
+  config = _config(ici_data_parallelism=-1, ici_fsdp_parallelism=2)
+  config.batch_size = 12
+  common.validate(config)
+  mesh = parallel.make_mesh(config)
+  with pytest.raises(ValueError, match=r"config\.batch_size=12 is not divisible by the data-parallel size 8"):
+    common.validate_for_mesh(config, parallel.data_parallel_size(mesh))
+
+
+def test_mesh_presets():
+  for name, expected in [("dp", {"data": 8, "fsdp": 1, "tensor": 1}), ("fsdp", {"data": 1, "fsdp": 8, "tensor": 1}),
+                         ("fsdp_tensor", {"data": 1, "fsdp": 4, "tensor": 2})]:
+    config = parallel.apply_preset(_config(), name)
+    assert dict(parallel.make_mesh(config).shape) == expected
+    assert config.mesh.rules == parallel.PRESETS[name]["rules"]
+  with pytest.raises(ValueError, match="mesh preset 'zero'"):
+    parallel.apply_preset(_config(), "zero")

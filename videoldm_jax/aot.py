@@ -150,9 +150,13 @@ def topology_devices(name: str, num_slices: int = 1) -> List[Any]:
   """Compile-only devices of ``num_slices`` slices of type ``name`` (needs ``libtpu``; no TPU needed).
 
   Works on a CPU-only host when JAX runs with ``JAX_PLATFORMS=cpu``; ``TPU_SKIP_MDS_QUERY=1`` keeps libtpu from
-  asking a (non-existent) GCE metadata server about the local machine.
+  asking a (non-existent) GCE metadata server about the local machine. Must run before anything else loads libtpu
+  in this process (it sets libtpu's environment).
   """
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) so two processes never drive one TPU; compile-only
+  # devices drive nothing, and planners / test runs must be able to run side by side.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   if not libtpu_available():
     raise RuntimeError("compiling for a TPU topology needs libtpu: pip install 'jax[tpu]' (x86_64 Linux)")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
@@ -210,7 +214,7 @@ class CompileReport:
       return f"does not fit: {self.error or 'compile failed'}"
     s = f"fits: peak {self.peak_bytes / GiB:.2f} of {cap:.2f} GiB per device"
     if self.useful_flops is not None:
-      s += f", {self.useful_flops / 1e12:.2f} TFLOP/step/device"
+      s += f", {self.useful_flops / 1e12:.3g} TFLOP/step/device"
     if self.compiler_seconds is not None:
       s += f", est. {self.compiler_seconds * 1e3:.1f} ms/step"
     if self.mfu is not None:
@@ -324,7 +328,7 @@ def format_reports(rows: Sequence[Tuple[str, CompileReport]]) -> str:
   head = f"{'plan':<34}{'slice':>10}{'fit':>5}{'peak GiB':>10}{'HBM GiB':>9}{'TFLOP/dev':>11}{'est. ms':>9}{'MFU':>7}"
   lines = [head]
   for label, r in rows:
-    flops = f"{r.useful_flops / 1e12:.2f}" if r.useful_flops is not None else "-"
+    flops = f"{r.useful_flops / 1e12:.3g}" if r.useful_flops is not None else "-"
     ms = f"{r.compiler_seconds * 1e3:.1f}" if r.compiler_seconds is not None else "-"
     util = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
     peak = (r.peak_bytes if r.fits else (r.needed_bytes or 0)) / GiB

@@ -303,6 +303,8 @@ def restore_or_init(config, workdir: str, init_fn: Callable, rng: jax.Array, mes
     state = jax.jit(lambda p: optim.init_state(p, tx, ema), out_shardings=st_sh,
                     compiler_options=compiler_options)(trainable)
   logging.info("State from %s at step %d", source, int(state.step))
+  # Frozen params are kept (and saved above) in float32; the step sees them in their storage dtype.
+  frozen = optim.cast_frozen(frozen, config.get("frozen_dtype", "float32"))
   return Restored(state=state, frozen=frozen, state_shardings=st_sh, frozen_shardings=frozen_sh, source=source)
 
 

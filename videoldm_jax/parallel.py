@@ -10,8 +10,9 @@ names one of the presets in ``RULES`` that map logical names to mesh axes:
 * ``data_parallel``: every parameter replicated; the batch split over ``(data, fsdp)``.
 * ``fsdp``: one dimension of each large parameter (``embed`` of dense kernels, ``conv_out`` of conv kernels,
   ``vocab`` of embedding tables) split over ``fsdp``; XLA all-gathers weights per layer (ZeRO-3 style).
-* ``fsdp_tensor``: ``fsdp`` plus Megatron-style tensor parallelism: ``mlp`` / ``heads`` (and ``conv_in``) over
-  ``tensor``.
+* ``fsdp_tensor``: ``fsdp`` plus Megatron-style tensor parallelism: ``mlp`` / ``heads`` over ``tensor``
+  (attention projections and feed-forwards). Conv kernels are split over ``fsdp`` only: a ``conv_in -> tensor``
+  rule makes XLA's CPU SPMD partitioner return wrong convolution results, so it is deliberately absent.
 
 The batch is always split over ``(data, fsdp)``; the time axis of a video ``[b, t, h, w, c]`` is never sharded,
 so temporal reshapes stay device-local. A dimension that a mesh axis does not divide stays replicated
@@ -42,8 +43,29 @@ RULES: Dict[str, Rules] = {
     "data_parallel": _ACTIVATION_RULES,
     "fsdp": _ACTIVATION_RULES + (("embed", "fsdp"), ("conv_out", "fsdp"), ("vocab", "fsdp")),
     "fsdp_tensor": _ACTIVATION_RULES + (("embed", "fsdp"), ("conv_out", "fsdp"), ("vocab", "fsdp"),
-                                        ("mlp", "tensor"), ("heads", "tensor"), ("conv_in", "tensor")),
+                                        ("mlp", "tensor"), ("heads", "tensor")),
 }
+
+# Mesh presets: the ``ici_*`` knobs and the rules preset that go together (``apply_preset``; used by the planner's
+# search and by configs/tpu.py). The DCN knobs are left alone (multi-slice: data parallel across slices).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # parameters replicated, the batch over every device of the slice
+    "dp": dict(ici_data_parallelism=-1, ici_fsdp_parallelism=1, ici_tensor_parallelism=1, rules="data_parallel"),
+    # parameters and optimizer state sharded over every device of the slice; the batch too (ZeRO-3)
+    "fsdp": dict(ici_data_parallelism=1, ici_fsdp_parallelism=-1, ici_tensor_parallelism=1, rules="fsdp"),
+    # fsdp over the slice / 2, attention heads and MLPs over pairs of devices
+    "fsdp_tensor": dict(ici_data_parallelism=1, ici_fsdp_parallelism=-1, ici_tensor_parallelism=2,
+                        rules="fsdp_tensor"),
+}
+
+
+def apply_preset(config, name: str):
+  """Sets ``config.mesh``'s ICI knobs and rules to the preset ``name`` (see ``PRESETS``); returns ``config``."""
+  if name not in PRESETS:
+    raise ValueError(f"mesh preset {name!r} unknown; choose one of {sorted(PRESETS)}")
+  for k, v in PRESETS[name].items():
+    config.mesh[k] = v
+  return config
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -57,8 +79,9 @@ def initialize_distributed(config=None) -> None:
     * ``"none"``: never initialise.
     * ``"auto"``: GPU/CPU clusters when ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
       are set (with ``JAX_PLATFORMS=cpu`` the CPU processes use gloo collectives: ``videoldm_jax.local_cluster``
-      starts such a cluster on one machine); multi-host TPU VMs (``TPU_WORKER_HOSTNAMES`` lists several hosts, or ``MEGASCALE_COORDINATOR_ADDRESS``
-      is set) by JAX's own TPU auto-detection; SLURM / Open MPI jobs the same way. Single-process runs: no-op.
+      starts such a cluster on one machine); multi-host TPU VMs (``TPU_WORKER_HOSTNAMES`` lists several hosts,
+      or ``MEGASCALE_COORDINATOR_ADDRESS`` is set: multi-slice) by JAX's own TPU auto-detection; SLURM / Open MPI
+      jobs the same way. Single-process runs: no-op.
     * ``"force"``: always call ``jax.distributed.initialize()`` with auto-detection.
   Must run before anything touches a JAX backend (``jax.devices()`` etc.).
   """

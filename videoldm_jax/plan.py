@@ -8,6 +8,8 @@ for a Cloud TPU slice on this machine (a CPU host is enough; needs ``libtpu``, s
       --per_device_batch=2 [--num_slices=2] [--inputs=latents|pixels] [--json] [--config.dtype=bfloat16 ...]
   # try per-device batch x remat x mesh presets, print every plan and the best one that fits
   python -m videoldm_jax.plan --config=... --topology=v5p-8 --search
+  # a chain config (configs/rds.py without stage=): every stage of config.stages, or one with --stage
+  python -m videoldm_jax.plan --config=configs/rds.py --topology=v5p-8 [--stage=base]
 
 Without ``--topology`` it prints total / trainable / frozen parameter counts (per top-level component, with the
 temporal share of the U-Net) and the bytes implied by the freeze mask ``config.trainable``: fp32 trainable params,
@@ -20,7 +22,8 @@ size (data x fsdp); default: the config's global ``batch_size``. ``--inputs=late
 latents (what full-size runs train on, see data_pipelines/encode_latents.py); ``pixels`` includes the frozen VAE
 encoder in the step. Numbers are per device: ``peak`` is the compiler's peak HBM; FLOPs are *model* FLOPs (the
 step without rematerialisation, counted on the unpartitioned program, divided by the device count); the step time
-is the TPU compiler's own estimate (``optimal_seconds``), so MFU is an estimate, not a measurement.
+is the TPU compiler's own estimate (``optimal_seconds``), so MFU is an estimate, not a measurement. A plan that
+does not fit prints "does not fit: needs X of Y GiB per device" and the program exits with status 1.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from ml_collections import config_flags
 
 from configs import common
 from videoldm_jax import aot, checkpoint, optim, parallel, tasks
+from videoldm_jax.models import unet as unet_lib
 
 FLAGS = flags.FLAGS
 
@@ -60,6 +64,7 @@ def plan(config) -> Dict[str, Any]:
   task = tasks.get(config.stage)(config)
   shapes = nn.meta.unbox(jax.eval_shape(task.init, jax.random.PRNGKey(0)))
   trainable, frozen = optim.split(shapes, config.trainable)
+  frozen = optim.cast_frozen(frozen, config.frozen_dtype)
   opt_state = jax.eval_shape(task.tx.init, trainable)
   ema = bool(config.ema_decay)
   temporal = re.compile(r".*temporal.*")
@@ -73,7 +78,8 @@ def plan(config) -> Dict[str, Any]:
         "temporal": int(sum(v.size for k, v in flat.items() if temporal.fullmatch(f"{name}/{k}"))),
     }
   return {
-      "config": {"stage": config.stage, "trainable": config.trainable, "dtype": config.dtype},
+      "config": {"stage": config.stage, "trainable": config.trainable, "dtype": config.dtype,
+                 "frozen_dtype": config.frozen_dtype},
       "params": {"total": _count(shapes), "trainable": _count(trainable), "frozen": _count(frozen)},
       "components": components,
       "bytes": {"trainable_params": _bytes(trainable), "frozen_params": _bytes(frozen),
@@ -93,7 +99,8 @@ def _gib(n: int) -> str:
 
 
 def format_table(p: Dict[str, Any]) -> str:
-  lines = [f"stage={p['config']['stage']}  trainable={p['config']['trainable']!r}", "",
+  lines = [f"stage={p['config']['stage']}  trainable={p['config']['trainable']!r}  compute={p['config']['dtype']}  "
+           f"frozen params in {p['config']['frozen_dtype']}", "",
            f"{'component':<16}{'total':>12}{'trainable':>12}{'temporal':>12}"]
   for name, c in p["components"].items():
     lines.append(f"{name:<16}{_fmt(c['total']):>12}{_fmt(c['trainable']):>12}{_fmt(c['temporal']):>12}")
@@ -128,12 +135,14 @@ def abstract_batch(config, task, batch_size: int, inputs: str = "latents") -> Di
     raise ValueError(f"inputs={inputs!r}: expected one of {INPUTS}")
   if hasattr(task, "abstract_batch"):
     return task.abstract_batch(batch_size, inputs)
-  if not hasattr(task, "vae_config") or not hasattr(task, "unet_config"):
+  if not hasattr(task, "vae_config"):
     raise ValueError(f"stage {config.stage!r}: the planner needs the task to define abstract_batch(batch_size, "
                      "inputs)")
   b, t = int(batch_size), int(config.data.num_frames)
   h, w = int(config.data.height), int(config.data.width)
   vc = task.vae_config
+  if not hasattr(task, "unet_config"):  # the autoencoder stage trains on pixels
+    return {"video": _sds((b, t, h, w, 3), jnp.float32)}
   if inputs == "latents":
     f = vc.downsample_factor
     batch = {"latents": _sds((b, t, h // f, w // f, vc.latent_channels), jnp.float32)}
@@ -144,6 +153,8 @@ def abstract_batch(config, task, batch_size: int, inputs: str = "latents") -> Di
   if getattr(task, "label_encoder", None) is not None:
     batch["labels"] = {k: _sds((b,), jnp.int32) for k in task.label_encoder.fields}
   batch["cond_mask"] = _sds((b,), jnp.float32)
+  if getattr(task, "interpolator", False):  # the clip's fps selects the interpolation regime
+    batch["fps"] = _sds((b,), jnp.float32)
   return batch
 
 
@@ -167,7 +178,7 @@ def abstract_train_inputs(config, task, mesh, rules, batch_size: int, inputs: st
   state_sh = checkpoint.state_shardings(task.tx, abstract_state, train_sh, mesh)
   with_sh = lambda tree, sh: jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), tree, sh)
   state = with_sh(abstract_state, state_sh)
-  frozen = with_sh(frozen_shapes, frozen_sh)
+  frozen = optim.cast_frozen(with_sh(frozen_shapes, frozen_sh), config.frozen_dtype)
   batch = _shard_batch(abstract_batch(config, task, batch_size, inputs), mesh)
   step_rng = _sds((2,), jnp.uint32, parallel.replicated(mesh))  # jax.random.PRNGKey(seed), as train.run_rngs
   return (state, frozen, batch, step_rng), (state_sh, frozen_sh)
@@ -185,24 +196,26 @@ def lower_train_step(config, task, mesh, batch_size: int, inputs: str = "latents
     return step.lower(*args)
 
 
-def set_remat(config, remat: bool):
-  """The U-Net's rematerialisation switch (``UNetConfig.remat``: every ResNet / transformer block)."""
-  config.model.unet_overrides = dict(config.model.unet_overrides or {}, remat=bool(remat))
+def set_remat(config, remat):
+  """The U-Net's rematerialisation policy (``UNetConfig.remat``, per ResNet / transformer block): a
+  ``unet.REMAT_POLICIES`` name ("none" | "full" | "dots") or a bool."""
+  config.model.unet_overrides = dict(config.model.unet_overrides or {}, remat=unet_lib.remat_name(remat))
   return config
 
 
-def _remat_of(config) -> bool:
-  return bool((config.model.unet_overrides or {}).get("remat", False))
+def _remat_of(config) -> str:
+  return unet_lib.remat_name((config.model.unet_overrides or {}).get("remat", "none"))
 
 
 def model_flops(config, batch_size: int, inputs: str = "latents") -> Optional[float]:
   """FLOPs of one train step of the whole global batch, without rematerialisation: XLA's count on the
   unpartitioned program lowered for this host (no compile). Divide by the device count for per-device."""
-  config = set_remat(_copy(config), False)
+  config = set_remat(_copy(config), "none")
   task = tasks.get(config.stage)(config)
   # The abstract arguments without shardings: the same computation as one device would run it.
   boxed = jax.eval_shape(task.init, jax.random.key(0, impl="rbg"))
   train_shapes, frozen_shapes = optim.split(nn.meta.unbox(boxed), config.trainable)
+  frozen_shapes = optim.cast_frozen(frozen_shapes, config.frozen_dtype)
   ema = bool(config.get("ema_decay", 0.0))
   state = jax.eval_shape(lambda p: optim.init_state(p, task.tx, ema), train_shapes)
   batch = abstract_batch(config, task, batch_size, inputs)
@@ -225,7 +238,7 @@ class SlicePlan:
   label: str
   per_device_batch: int
   global_batch: int
-  remat: bool
+  remat: str
   rules: str
   mesh: Dict[str, int]
   report: aot.CompileReport
@@ -238,17 +251,21 @@ class SlicePlan:
 
 
 def plan_on_topology(config, topology: str, *, num_slices: int = 1, per_device_batch: Optional[int] = None,
-                     inputs: str = "latents", remat: Optional[bool] = None, rules: Optional[str] = None,
+                     inputs: str = "latents", remat=None, mesh: Optional[str] = None, rules: Optional[str] = None,
                      with_model_flops: bool = True) -> SlicePlan:
   """Compiles ``config``'s train step for ``num_slices`` x ``topology`` and reports per-device memory and speed.
 
   ``per_device_batch`` (per data-parallel replica, i.e. per device of the ``data x fsdp`` axes; default: the
-  config's global ``batch_size``), ``remat`` (U-Net blocks) and ``rules`` (``parallel.RULES`` preset) override the
+  config's global ``batch_size``), ``remat`` (U-Net blocks: "none" | "dots" | "full"), ``mesh`` (a
+  ``parallel.PRESETS`` name: ICI knobs + rules) and ``rules`` (a ``parallel.RULES`` preset alone) override the
   config. Out of memory gives ``report.fits == False`` with the sizes, not an exception.
   """
   config = _copy(config)
   if remat is not None:
     set_remat(config, remat)
+  preset = mesh
+  if preset is not None:
+    parallel.apply_preset(config, preset)
   if rules is not None:
     config.mesh.rules = rules
   config.mesh.num_slices = int(num_slices)
@@ -268,23 +285,29 @@ def plan_on_topology(config, topology: str, *, num_slices: int = 1, per_device_b
     total = model_flops(config, int(config.batch_size), inputs)
     report.model_flops = None if total is None else total / len(devices)
   pdb = int(config.batch_size) // dp
-  label = f"{config.stage} b{pdb}/dev{' remat' if _remat_of(config) else ''} {config.mesh.rules}"
+  label = f"{config.stage} b{pdb}/dev remat={_remat_of(config)} {preset or config.mesh.rules}"
   return SlicePlan(label=label, per_device_batch=pdb, global_batch=int(config.batch_size), remat=_remat_of(config),
                    rules=str(config.mesh.rules), mesh={k: int(v) for k, v in mesh.shape.items()}, report=report,
                    compile_seconds=seconds)
 
 
+SEARCH_BATCHES = (1, 2, 4, 8, 16, 32)
+SEARCH_REMATS = ("none", "dots", "full")
+SEARCH_MESHES = ("dp", "fsdp")
+
+
 def search(config, topology: str, *, num_slices: int = 1, inputs: str = "latents",
-           batches: Sequence[int] = (1, 2, 4, 8, 16, 32), remats: Sequence[bool] = (False, True),
-           rules: Sequence[str] = ("fsdp", "data_parallel"), log=print) -> Tuple[List[SlicePlan], Optional[SlicePlan]]:
-  """Per-device batch x remat x mesh preset. For each (preset, remat) the batch grows until it no longer fits.
-  Returns every plan tried and the fitting plan with the highest estimated MFU (ties: larger batch)."""
+           batches: Sequence[int] = SEARCH_BATCHES, remats: Sequence[str] = SEARCH_REMATS,
+           meshes: Sequence[str] = SEARCH_MESHES, log=print) -> Tuple[List[SlicePlan], Optional[SlicePlan]]:
+  """Per-device batch x remat policy x mesh preset (``parallel.PRESETS``). For each (mesh, remat) the batch grows
+  until it no longer fits. Returns every plan tried and the fitting plan with the highest estimated MFU (ties,
+  or no step-time estimate: the larger batch)."""
   plans: List[SlicePlan] = []
-  for preset in rules:
+  for preset in meshes:
     for remat in remats:
       for b in batches:
         p = plan_on_topology(config, topology, num_slices=num_slices, per_device_batch=b, inputs=inputs,
-                             remat=remat, rules=preset)
+                             remat=remat, mesh=preset)
         plans.append(p)
         log(f"{p.label:<40} {p.report.summary()}  [{p.compile_seconds:.0f}s]")
         if not p.report.fits:
@@ -298,39 +321,83 @@ def format_plans(plans: Iterable[SlicePlan]) -> str:
   return aot.format_reports([(p.label, p.report) for p in plans])
 
 
+def stage_configs(config, stage: Optional[str] = None) -> List[Tuple[str, Any]]:
+  """``[(stage, config)]``: the config itself, or for a chain config (``common.is_chain``) every stage of
+  ``config.chain`` in order (only ``stage`` when given)."""
+  if not common.is_chain(config):
+    if stage and stage != config.stage:
+      raise ValueError(f"--stage={stage!r}: the config is a single stage ({config.stage!r}), not a chain")
+    return [(str(config.stage), config)]
+  names = list(config.chain)
+  if stage:
+    if stage not in names:
+      raise ValueError(f"--stage={stage!r} is not in the chain {names}")
+    names = [stage]
+  return [(s, config.stages[s]) for s in names]
+
+
+def _plan_stage(config) -> Tuple[List[SlicePlan], Optional[SlicePlan]]:
+  if FLAGS.search:
+    return search(config, FLAGS.topology, num_slices=FLAGS.num_slices, inputs=FLAGS.inputs,
+                  remats=FLAGS.search_remat, meshes=FLAGS.search_mesh,
+                  batches=[int(b) for b in FLAGS.search_batches], log=lambda line: logging.info("%s", line))
+  p = plan_on_topology(config, FLAGS.topology, num_slices=FLAGS.num_slices, per_device_batch=FLAGS.per_device_batch,
+                       inputs=FLAGS.inputs, remat=FLAGS.remat, mesh=FLAGS.mesh)
+  return [p], (p if p.report.fits else None)
+
+
+def _stage_text(plans: List[SlicePlan], best: Optional[SlicePlan]) -> List[str]:
+  lines = [format_plans(plans), ""]
+  where = f"{FLAGS.num_slices} x {FLAGS.topology}" if FLAGS.num_slices > 1 else FLAGS.topology
+  for p in plans if not FLAGS.search else ([best] if best else []):
+    lines.append(f"{p.label} on {where} (mesh {p.mesh}, global batch {p.global_batch}): {p.report.summary()}")
+  if FLAGS.search:
+    lines.append(f"best: {best.label}, global batch {best.global_batch}: {best.report.summary()}" if best
+                 else "no tried plan fits")
+  return lines
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  stages = stage_configs(FLAGS.config, FLAGS.stage)
+  chain = common.is_chain(FLAGS.config)
   if not FLAGS.topology:
-    p = plan(FLAGS.config)
-    sys.stdout.write((json.dumps(p, indent=2) if FLAGS.json else format_table(p)) + "\n")
-    return
+    summaries = {name: plan(c) for name, c in stages}
+    if FLAGS.json:
+      out = summaries if chain else summaries[stages[0][0]]
+      sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    else:
+      sys.stdout.write("\n\n".join(format_table(p) for p in summaries.values()) + "\n")
+    return 0
   # Compile-only TPU devices come from libtpu; the host itself runs JAX on CPU (no TPU needed, none used).
   if "JAX_PLATFORMS" not in os.environ:
     jax.config.update("jax_platforms", "cpu")
   if not aot.libtpu_available():
     raise app.UsageError("--topology needs libtpu: pip install 'jax[tpu]' (x86_64 Linux)")
-  config = FLAGS.config
-  if FLAGS.search:
-    plans, best = search(config, FLAGS.topology, num_slices=FLAGS.num_slices, inputs=FLAGS.inputs,
-                         log=lambda line: logging.info("%s", line))
-  else:
-    plans = [plan_on_topology(config, FLAGS.topology, num_slices=FLAGS.num_slices,
-                              per_device_batch=FLAGS.per_device_batch, inputs=FLAGS.inputs)]
-    best = plans[0] if plans[0].report.fits else None
+  results = {}
+  for name, c in stages:
+    results[name] = _plan_stage(c)
+  all_fit = all(best is not None for _, best in results.values())
   if FLAGS.json:
-    out = {"topology": FLAGS.topology, "num_slices": FLAGS.num_slices, "inputs": FLAGS.inputs,
-           "plans": [p.to_dict() for p in plans], "best": best.to_dict() if best else None}
+    def one(plans, best):
+      return {"topology": FLAGS.topology, "num_slices": FLAGS.num_slices, "inputs": FLAGS.inputs,
+              "plans": [p.to_dict() for p in plans], "best": best.to_dict() if best else None,
+              "fits": best is not None}
+    out = ({"stages": {n: one(*r) for n, r in results.items()}, "fits": all_fit} if chain
+           else one(*results[stages[0][0]]))
     sys.stdout.write(json.dumps(out, indent=2) + "\n")
-    return
-  lines = [format_plans(plans), ""]
-  for p in plans if not FLAGS.search else ([best] if best else []):
-    lines.append(f"{p.label} on {FLAGS.num_slices} x {FLAGS.topology} (mesh {p.mesh}, global batch "
-                 f"{p.global_batch}): {p.report.summary()}")
-  if FLAGS.search:
-    lines.append(f"best: {best.label}, global batch {best.global_batch}: {best.report.summary()}" if best
-                 else "no tried plan fits")
-  sys.stdout.write("\n".join(lines) + "\n")
+  else:
+    lines = []
+    for name, (plans, best) in results.items():
+      if chain:
+        lines.append(f"== stage {name}")
+      lines += _stage_text(plans, best) + [""]
+    sys.stdout.write("\n".join(lines))
+  if not all_fit:
+    logging.error("no plan fits %s (see above)", FLAGS.topology)
+    return 1
+  return 0
 
 
 def define_flags() -> None:
@@ -343,6 +410,12 @@ def define_flags() -> None:
   flags.DEFINE_integer("per_device_batch", None, "Clips per data-parallel device (default: config.batch_size).")
   flags.DEFINE_enum("inputs", "latents", list(INPUTS), "Pre-encoded latents or pixels (VAE encoder in the step).")
   flags.DEFINE_bool("search", False, "Try per-device batch x remat x mesh presets; print the best plan that fits.")
+  flags.DEFINE_string("stage", None, "Chain configs: plan only this stage (default: every stage of the chain).")
+  flags.DEFINE_enum("remat", None, list(unet_lib.REMAT_POLICIES), "U-Net remat policy (default: the config's).")
+  flags.DEFINE_enum("mesh", None, list(parallel.PRESETS), "Mesh preset: ICI knobs + rules (default: the config's).")
+  flags.DEFINE_list("search_batches", [str(b) for b in SEARCH_BATCHES], "--search: per-device batches to try.")
+  flags.DEFINE_list("search_remat", list(SEARCH_REMATS), "--search: remat policies to try.")
+  flags.DEFINE_list("search_mesh", list(SEARCH_MESHES), "--search: mesh presets to try.")
 
 
 if __name__ == "__main__":

@@ -111,12 +111,49 @@ class TimestepEmbedding(nn.Module):
     return dense(self.out_features or self.features, axes=("mlp", "embed"), name="linear_2", **kw)(x)
 
 
+# "splash": the Pallas splash-attention kernel on TPU for self-attention over at least this many tokens (SD's
+# 40x64 = 2560-token level); shorter sequences (lower levels, temporal attention over <= 16 frames, text
+# cross-attention) keep XLA's attention, which is as fast there.
+SPLASH_MIN_SEQ = 1024
+_SPLASH_BLOCK = 512
+_LANES = 128
+
+
+def _splash_attention(q, k, v):
+  """``[b, n, h, d]`` self-attention through the TPU splash kernel (head_dim zero-padded to the 128 lanes;
+  the batch split over the context mesh's batch axes with ``shard_map``). Lowers for TPU only."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as sk  # pylint: disable=g-import-not-at-top
+  _, n, h, d = q.shape
+  pad = (-d) % _LANES
+  to_kernel = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, 0), (0, pad)))  # [b, h, n, d']
+  block = math.gcd(n, _SPLASH_BLOCK)
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  kernel = jax.vmap(sk.make_splash_mha(sk.MultiHeadMask([sk.FullMask((n, n))] * h), head_shards=1,
+                                       q_seq_shards=1, block_sizes=sizes))
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:  # a Pallas call is opaque to the SPMD partitioner: run it per batch shard
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and q.shape[0] % mesh.shape[a] == 0)
+    spec = jax.sharding.PartitionSpec(axes or None)
+    kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+  out = kernel(to_kernel(q) * (d ** -0.5), to_kernel(k), to_kernel(v))
+  return jnp.swapaxes(out[..., :d], 1, 2)
+
+
+def splash_applies(nq: int, nk: int, head_dim: int, mask, self_attention: bool) -> bool:
+  """Whether ``implementation="splash"`` uses the kernel for this attention (else XLA's attention)."""
+  return (self_attention and mask is None and nq == nk and nq >= SPLASH_MIN_SEQ and nq % _LANES == 0
+          and head_dim <= 256)
+
+
 def dot_product_attention(q, k, v, *, num_heads: int, mask: Optional[jax.Array] = None,
-                          implementation: Optional[str] = None):
+                          implementation: Optional[str] = None, self_attention: bool = False):
   """Multi-head scaled dot-product attention on ``[b, n, c]`` tensors (c = heads * head_dim).
 
   ``mask``: boolean, broadcastable to ``[b, heads, n_q, n_k]``; True = attend.
-  ``implementation``: passed to ``jax.nn.dot_product_attention`` (None = XLA picks; "cudnn" for fused GPU).
+  ``implementation``: ``"splash"`` runs long self-attention (``splash_applies``) through the Pallas splash kernel
+  when compiled for TPU (XLA's attention on other platforms and for every other attention); anything else is
+  passed to ``jax.nn.dot_product_attention`` (None = XLA picks; "cudnn" for fused GPU).
   Softmax runs in fp32 regardless of the input dtype.
   """
   b, nq, c = q.shape
@@ -125,7 +162,14 @@ def dot_product_attention(q, k, v, *, num_heads: int, mask: Optional[jax.Array] 
   q = q.reshape(b, nq, num_heads, head_dim)
   k = k.reshape(b, nk, num_heads, head_dim)
   v = v.reshape(b, nk, num_heads, v.shape[-1] // num_heads)
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+  if implementation == "splash":
+    xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask)
+    if splash_applies(nq, nk, head_dim, mask, self_attention):
+      out = jax.lax.platform_dependent(q, k, v, tpu=_splash_attention, default=xla)
+    else:
+      out = xla(q, k, v)
+  else:
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
   return out.reshape(b, nq, -1)
 
 
@@ -141,7 +185,8 @@ class Attention(nn.Module):
     heads: number of heads.
     head_dim: channels per head (inner width = heads * head_dim).
     out_features: output width; defaults to the query width.
-    implementation: forwarded to ``jax.nn.dot_product_attention`` (None = XLA, "cudnn" = fused GPU kernel).
+    implementation: see ``dot_product_attention`` (None = XLA, "cudnn" = fused GPU kernel, "splash" = Pallas
+      splash kernel on TPU for long self-attention).
   """
   heads: int
   head_dim: int
@@ -161,7 +206,8 @@ class Attention(nn.Module):
     k = dense(inner, use_bias=False, axes=("embed", "heads"), name="to_k", **kw)(context)
     v = dense(inner, use_bias=False, axes=("embed", "heads"), name="to_v", **kw)(context)
     # Logits and softmax are float32 for any input dtype (what diffusers' ``upcast_attention`` buys in fp16).
-    out = dot_product_attention(q, k, v, num_heads=self.heads, mask=mask, implementation=self.implementation)
+    out = dot_product_attention(q, k, v, num_heads=self.heads, mask=mask, implementation=self.implementation,
+                                self_attention=context is x)
     return dense(self.out_features or x.shape[-1], axes=("heads", "embed"), name="to_out_0", **kw)(out)
 
 

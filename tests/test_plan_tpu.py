@@ -1,0 +1,120 @@
+"""The planner compiles the real ``base`` train step (tiny runlocal model) for compile-only TPU slices on this CPU
+host: it fits on v5p-8 and v6e-8 with sane per-device numbers, and an absurd batch is reported as "does not fit"
+with the compiler's sizes instead of raising; the command line prints parseable JSON, plans a stage of a chain
+config and exits non-zero when nothing fits. Gated on libtpu (installed by the ``dev`` extra on x86_64 Linux)."""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent import futures
+
+import pytest
+
+from configs import rds
+from videoldm_jax import aot, plan, tasks
+
+pytestmark = pytest.mark.skipif(not aot.libtpu_available(), reason="libtpu not installed (pip install 'jax[tpu]')")
+
+GiB = 2**30
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASES = {"v5p-8": dict(topology="v5p-8", per_device_batch=2), "v6e-8": dict(topology="v6e-8", per_device_batch=1),
+         "absurd": dict(topology="v6e-8", per_device_batch=1 << 17)}
+
+
+def _config():
+  config = rds.get_config("stage=base,runlocal")
+  config.dtype = "bfloat16"
+  return config
+
+
+# Command lines: a stage of the runlocal rds chain (fits), and the same with an absurd batch (does not fit).
+CLI = {
+    "chain_stage": ["--config=configs/rds.py:runlocal", "--stage=base", "--topology=v5p-8", "--json"],
+    "absurd": ["--config=configs/rds.py:stage=base,runlocal", "--topology=v6e-8", f"--per_device_batch={1 << 17}",
+               "--json", "--config.dtype=bfloat16"],
+}
+
+
+def _cli(args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # no fake CPU devices needed: the devices are the TPU topology's
+  return subprocess.run([sys.executable, "-m", "videoldm_jax.plan", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def runs():
+  tasks.get("base")  # register the stage before the worker threads look it up
+  # The TPU compiles dominate this file's time: run them side by side (the compiler releases the GIL; the command
+  # lines are processes of their own).
+  with futures.ThreadPoolExecutor(len(CASES) + len(CLI)) as pool:
+    jobs = {k: pool.submit(plan.plan_on_topology, _config(), **v) for k, v in CASES.items()}
+    cli = {k: pool.submit(_cli, v) for k, v in CLI.items()}
+    return {k: j.result() for k, j in jobs.items()}, {k: j.result() for k, j in cli.items()}
+
+
+@pytest.fixture(scope="module")
+def plans(runs):
+  return runs[0]
+
+
+@pytest.mark.parametrize("name", ["v5p-8", "v6e-8"])
+def test_tiny_base_step_fits(plans, name):
+  p = plans[name]
+  r = p.report
+  chip = aot.topology(name).chip
+  assert r.fits, r.summary()
+  assert r.num_devices == aot.topology(name).num_devices
+  assert p.mesh == {"data": r.num_devices, "fsdp": 1, "tensor": 1}
+  assert p.label == f"base b{CASES[name]['per_device_batch']}/dev remat=none fsdp" and p.remat == "none"
+  assert p.global_batch == CASES[name]["per_device_batch"] * r.num_devices
+  assert r.hbm_bytes == chip.hbm_bytes and 0 < r.peak_bytes < 1 * GiB
+  assert r.argument_bytes > 0 and r.temp_bytes >= 0
+  # Donated state: the updated train state aliases its input buffers.
+  assert r.alias_bytes > 0
+  # The compiled per-device FLOPs and the model FLOPs (unpartitioned count / devices) agree closely without
+  # remat: both count the same convolutions and matmuls.
+  assert r.flops > 0 and r.model_flops > 0
+  assert 0.8 < r.flops / r.model_flops < 1.25, (r.flops, r.model_flops)
+  if r.compiler_seconds is not None:
+    assert 0 < r.mfu <= 1.0
+  assert r.summary().startswith("fits: peak ")
+
+
+def test_flops_scale_with_the_batch(plans):
+  # Same model, per-device batch 2 vs 1 and twice as many devices on v6e-8: per-device model FLOPs of v5p-8 (2
+  # clips per device) are about twice those of v6e-8 (1 clip per device).
+  ratio = plans["v5p-8"].report.model_flops / plans["v6e-8"].report.model_flops
+  assert 1.8 < ratio < 2.2, ratio
+
+
+def test_absurd_batch_does_not_fit(plans):
+  r = plans["absurd"].report
+  assert not r.fits
+  assert r.hbm_bytes == aot.CHIPS["v6e"].hbm_bytes
+  assert r.needed_bytes > r.hbm_bytes
+  assert r.summary() == f"does not fit: needs {r.needed_bytes / GiB:.2f} of 31.25 GiB per device"
+  assert "does not fit" in plan.format_plans([plans["absurd"]]) or " no " in plan.format_plans([plans["absurd"]])
+
+
+def test_cli_plans_a_chain_stage_as_json(runs):
+  out = runs[1]["chain_stage"]
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout)
+  assert result["fits"] is True and list(result["stages"]) == ["base"]
+  best = result["stages"]["base"]["best"]
+  assert best["report"]["fits"] and best["report"]["topology"] == "v5p-8"
+  assert 0 < best["report"]["peak_bytes"] < best["report"]["hbm_bytes"]
+  assert best["report"]["model_flops"] > 0 and best["report"]["summary"].startswith("fits: peak ")
+
+
+def test_cli_absurd_batch_exits_nonzero_with_sizes(runs):
+  out = runs[1]["absurd"]
+  assert out.returncode == 1, (out.returncode, out.stderr[-3000:])
+  assert "Traceback" not in out.stderr
+  result = json.loads(out.stdout)
+  assert result["fits"] is False and result["best"] is None
+  report = result["plans"][0]["report"]
+  assert report["needed_bytes"] > report["hbm_bytes"] == aot.CHIPS["v6e"].hbm_bytes
+  assert report["summary"].startswith("does not fit: needs ") and report["summary"].endswith("of 31.25 GiB per device")

@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import signal
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import flax
 import flax.linen as nn
@@ -234,14 +234,19 @@ def _with_sharding(shapes, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
-def restore_or_init(config, workdir: str, init_fn: Callable, rng: jax.Array, mesh, rules,
-                    tx: optax.GradientTransformation, ckpt: Checkpointer, data_iter=None,
-                    compiler_options: Optional[Dict[str, Any]] = None) -> Restored:
-  """Materialises params and train state, sharded from the logical rules, in the documented restore order.
+class AbstractTrainState(NamedTuple):
+  """Shapes and shardings of a run before anything is allocated (``restore_or_init`` and the planner)."""
+  shapes: Any              # the full param tree (frozen + trainable), ShapeDtypeStructs
+  shardings: Any           # and its shardings
+  frozen_shapes: Any
+  frozen_shardings: Any
+  state: Any               # optim.TrainState of ShapeDtypeStructs (trainable params, optimizer state, EMA)
+  state_shardings: Any
 
-  ``init_fn(rng)`` returns the full boxed param tree (frozen + trainable).
-  """
-  wd = epath.Path(workdir)
+
+def abstract_train_state(config, init_fn: Callable, rng: jax.Array, mesh, rules,
+                         tx: optax.GradientTransformation) -> AbstractTrainState:
+  """Param shapes split by ``config.trainable`` and the train state's shapes, with their shardings."""
   boxed = jax.eval_shape(init_fn, rng)
   shardings = parallel.param_shardings(boxed, mesh, rules)
   shapes = nn.meta.unbox(boxed)
@@ -250,8 +255,22 @@ def restore_or_init(config, workdir: str, init_fn: Callable, rng: jax.Array, mes
   if not jax.tree.leaves(train_shapes):
     raise ValueError(f"config.trainable={config.trainable!r} matches no parameter")
   ema = bool(config.get("ema_decay", 0.0))
-  abstract_state = jax.eval_shape(lambda p: optim.init_state(p, tx, ema), train_shapes)
-  st_sh = state_shardings(tx, abstract_state, train_sh, mesh)
+  state = jax.eval_shape(lambda p: optim.init_state(p, tx, ema), train_shapes)
+  return AbstractTrainState(shapes, shardings, frozen_shapes, frozen_sh, state,
+                            state_shardings(tx, state, train_sh, mesh))
+
+
+def restore_or_init(config, workdir: str, init_fn: Callable, rng: jax.Array, mesh, rules,
+                    tx: optax.GradientTransformation, ckpt: Checkpointer, data_iter=None,
+                    compiler_options: Optional[Dict[str, Any]] = None) -> Restored:
+  """Materialises params and train state, sharded from the logical rules, in the documented restore order.
+
+  ``init_fn(rng)`` returns the full boxed param tree (frozen + trainable).
+  """
+  wd = epath.Path(workdir)
+  a = abstract_train_state(config, init_fn, rng, mesh, rules, tx)
+  shapes, shardings, frozen_shapes, frozen_sh = a.shapes, a.shardings, a.frozen_shapes, a.frozen_shardings
+  abstract_state, st_sh = a.state, a.state_shardings
 
   # Fresh params (needed for scratch, and for the leaves a model_init source does not provide).
   full = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings,
@@ -300,7 +319,7 @@ def restore_or_init(config, workdir: str, init_fn: Callable, rng: jax.Array, mes
     other.close()
     source = "resume"
   else:
-    state = jax.jit(lambda p: optim.init_state(p, tx, ema), out_shardings=st_sh,
+    state = jax.jit(lambda p: optim.init_state(p, tx, abstract_state.ema_params is not None), out_shardings=st_sh,
                     compiler_options=compiler_options)(trainable)
   logging.info("State from %s at step %d", source, int(state.step))
   # Frozen params are kept (and saved above) in float32; the step sees them in their storage dtype.

@@ -166,19 +166,11 @@ def abstract_train_inputs(config, task, mesh, rules, batch_size: int, inputs: st
   """``(state, frozen, batch, rng)`` as sharded ``ShapeDtypeStruct``s plus ``(state_sh, frozen_sh)``: exactly the
   arguments and shardings ``train.py`` compiles its step with (see ``checkpoint.restore_or_init``)."""
   rng = jax.random.key(int(config.seed), impl="rbg")
-  boxed = jax.eval_shape(task.init, rng)
-  shardings = parallel.param_shardings(boxed, mesh, rules)
-  shapes = nn.meta.unbox(boxed)
-  train_shapes, frozen_shapes = optim.split(shapes, config.trainable)
-  train_sh, frozen_sh = optim.split(shardings, config.trainable)
-  if not jax.tree.leaves(train_shapes):
-    raise ValueError(f"config.trainable={config.trainable!r} matches no parameter")
-  ema = bool(config.get("ema_decay", 0.0))
-  abstract_state = jax.eval_shape(lambda p: optim.init_state(p, task.tx, ema), train_shapes)
-  state_sh = checkpoint.state_shardings(task.tx, abstract_state, train_sh, mesh)
+  a = checkpoint.abstract_train_state(config, task.init, rng, mesh, rules, task.tx)
+  state_sh, frozen_sh = a.state_shardings, a.frozen_shardings
   with_sh = lambda tree, sh: jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), tree, sh)
-  state = with_sh(abstract_state, state_sh)
-  frozen = optim.cast_frozen(with_sh(frozen_shapes, frozen_sh), config.frozen_dtype)
+  state = with_sh(a.state, state_sh)
+  frozen = optim.cast_frozen(with_sh(a.frozen_shapes, frozen_sh), config.frozen_dtype)
   batch = _shard_batch(abstract_batch(config, task, batch_size, inputs), mesh)
   step_rng = _sds((2,), jnp.uint32, parallel.replicated(mesh))  # jax.random.PRNGKey(seed), as train.run_rngs
   return (state, frozen, batch, step_rng), (state_sh, frozen_sh)

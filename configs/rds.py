@@ -6,7 +6,8 @@ video LDM: the image LDM frozen, only the temporal layers train), ``predictor`` 
 conditioning on 0-2 context frames, for long rollouts) and ``interpolator`` (3 frames between key frames, one
 model for 1.875 -> 7.5 and 7.5 -> 30 fps). Conditioning: label tokens.
 Full size: 128x256 px (latents 16x32x4), 8 key frames at 1.875 fps, v-prediction, linear schedule.
-Argument ``vae_scale=S`` sets the VAE's latent scaling factor (1 / the ``z_std`` an autoencoder run logs).
+The VAE's latent scaling factor of a stage initialised from an ``autoencoder`` workdir is the one that run
+measured (``1 / z_std`` of its latents, LDM's ``scale_by_std``), read from the workdir when training starts.
 
 Without ``stage=`` the config trains the whole chain (``CHAIN``), each stage in WORKDIR/<stage>, initialised from
 the previous stages, then writes sample videos to WORKDIR (rerunning skips finished stages):
@@ -34,7 +35,7 @@ Real data: ``--config.data.source=video_folder/<name> --config.data.data_dir=...
 pre-encoded latents ``--config.data.source=latents --config.data.data_dir=...``.
 """
 
-from configs import common
+from videoldm_jax import config_lib, tasks
 
 # The stages of the default run (no ``stage=``), trained in this order, each initialised from the previous.
 CHAIN = ("autoencoder", "image", "base", "predictor", "interpolator")
@@ -42,7 +43,6 @@ CHAIN = ("autoencoder", "image", "base", "predictor", "interpolator")
 # so that its videos show a road under a day or night sky.
 RUNLOCAL_CHAIN_STEPS = {"autoencoder": 100, "image": 400, "base": 80, "predictor": 200, "interpolator": 200}
 RUNLOCAL_CHAIN_SECONDS = 32.0  # length of the chain's closing pipeline video (at the interpolated 30 fps)
-RUNLOCAL_CHAIN_VAE_SCALE = 0.7  # ~1 / the latent std (z_std) the runlocal autoencoder reaches (LDM's scale_by_std)
 
 
 def _runlocal_chain(c) -> None:
@@ -56,19 +56,16 @@ def _runlocal_chain(c) -> None:
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, stage=common.CHAIN, runlocal=False, vae_scale=0.0)
-  if a.stage == common.CHAIN:
-    if a.runlocal and not a.vae_scale:
-      a.vae_scale = RUNLOCAL_CHAIN_VAE_SCALE
-    c = common.chain_config(get_config, CHAIN, a)
+  a = config_lib.parse_arg(arg, stage=config_lib.CHAIN, runlocal=False)
+  if a.stage == config_lib.CHAIN:
+    c = config_lib.chain_config(get_config, CHAIN, a)
     c.sample_seconds = RUNLOCAL_CHAIN_SECONDS  # the closing video: key frames -> rollout -> x4 -> x4 (30 fps)
     if a.runlocal:
       _runlocal_chain(c)
       c.sample_videos = 2  # each long video costs minutes of CPU sampling
     return c
-  c = common.base_config()
-  c.stage = a.stage
-  common.apply_variant(c, "tiny_rds" if a.runlocal else "rds")
+  c = tasks.default_config(a.stage)
+  config_lib.apply_variant(c, "tiny_rds" if a.runlocal else "rds")
 
   c.data.source = "synthetic"
   c.data.height, c.data.width = 128, 256
@@ -76,10 +73,8 @@ def get_config(arg=None):
   c.data.label_fields = ("day_night", "crowdedness")
   c.model.label_fields = ("day_night", "crowdedness")
   c.model.label_classes = (2, c.data.synthetic.max_cars + 1)
-  c.sampling.guidance_scale = 2.0
-
-  if a.vae_scale:  # latent scaling of a VAE trained by stage=autoencoder (1 / its z_std metric)
-    c.model.vae_overrides = dict(c.model.vae_overrides, scaling_factor=a.vae_scale)
+  if "guidance_scale" in c.sampling:
+    c.sampling.guidance_scale = 2.0
 
   if a.stage == "autoencoder":
     c.data.num_frames = 1
@@ -106,7 +101,7 @@ def get_config(arg=None):
   elif a.stage == "base":
     c.data.num_frames = 8
     c.data.fps = 1.875
-    c.model.temporal = common.video_temporal()
+    c.model.temporal = config_lib.video_temporal()
     c.trainable = ".*temporal.*"
     c.model_init_missing_ok = ".*temporal.*"
     c.batch_size = 640  # 40 per GPU x 16 in the paper
@@ -116,7 +111,7 @@ def get_config(arg=None):
   elif a.stage == "predictor":  # base model + mask conditioning: first S in {0, 1, 2} frames known
     c.data.num_frames = 8
     c.data.fps = 1.875
-    c.model.temporal = common.video_temporal(mask_conditioning=True)
+    c.model.temporal = config_lib.video_temporal(mask_conditioning=True)
     c.trainable = ".*temporal.*"
     c.model_init_missing_ok = ".*temporal_cond.*"  # model_init: a base workdir (only temporal_cond is new)
     c.masked.context_probs = (0.1, 0.3, 0.6)
@@ -130,7 +125,7 @@ def get_config(arg=None):
     c.data.num_frames = 13  # 4 key frames
     c.data.fps = (7.5, 30.0)
     c.masked.regime_fps = (7.5, 30.0)
-    c.model.temporal = common.video_temporal(mask_conditioning=True, num_regimes=2)
+    c.model.temporal = config_lib.video_temporal(mask_conditioning=True, num_regimes=2)
     c.trainable = ".*temporal.*"
     c.model_init_missing_ok = ".*temporal_cond.*"  # model_init: a predictor (or base) workdir
     c.sampling.context_guidance = 1.0
@@ -144,7 +139,7 @@ def get_config(arg=None):
                      "interpolator)")
 
   if a.runlocal:
-    common.runlocal(c)
+    config_lib.runlocal(c)
     if a.stage == "autoencoder":
       c.optimizer.lr = 1e-3
       c.autoencoder.disc_start = 30

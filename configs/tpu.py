@@ -22,7 +22,8 @@ global batch, so the slice must give ``batch_size / per_device_batch`` data-para
       --config.model_init=gs://bucket/ckpt/sd15 --config.data.data_dir=gs://bucket/latents/webvid
 """
 
-from configs import common, rds, webvid
+from configs import rds, webvid
+from videoldm_jax import config_lib
 from videoldm_jax import parallel
 
 # run -> (pipeline module, its config argument)
@@ -58,7 +59,7 @@ SIMILAR = {"v4": "v6e", "v5e": "v6e"}
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, run="t2v_sd15", chip="v5p")
+  a = config_lib.parse_arg(arg, run="t2v_sd15", chip="v5p")
   if a.run not in RUNS:
     raise ValueError(f"configs/tpu.py: run={a.run!r} unknown; runs: {sorted(RUNS)}")
   chip = SIMILAR.get(a.chip, a.chip)

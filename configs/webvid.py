@@ -22,14 +22,13 @@ paper's T2V interpolator **all** U-Net params train), both initialised from the 
 Pre-encoded latents (data_pipelines/) train much faster: ``--config.data.source=latents``.
 """
 
-from configs import common
+from videoldm_jax import config_lib, tasks
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, stage="base", variant="sd15", runlocal=False)
-  c = common.base_config()
-  c.stage = a.stage
-  common.apply_variant(c, "tiny" if a.runlocal else a.variant)
+  a = config_lib.parse_arg(arg, stage="base", variant="sd15", runlocal=False)
+  c = tasks.default_config(a.stage)
+  config_lib.apply_variant(c, "tiny" if a.runlocal else a.variant)
 
   c.data.source = "synthetic"  # a prepared TFDS dataset ("webvid/<name>") or "latents" for real runs
   c.data.height, c.data.width = 320, 512
@@ -45,7 +44,7 @@ def get_config(arg=None):
   elif a.stage == "base":
     c.data.num_frames = 8
     c.data.fps = 1.875
-    c.model.temporal = common.video_temporal(cross_attention=True)
+    c.model.temporal = config_lib.video_temporal(cross_attention=True)
     c.trainable = ".*temporal.*"
     c.model_init_missing_ok = ".*temporal.*"
     c.batch_size = 32
@@ -55,7 +54,7 @@ def get_config(arg=None):
   elif a.stage == "predictor":
     c.data.num_frames = 8
     c.data.fps = 1.875
-    c.model.temporal = common.video_temporal(cross_attention=True, mask_conditioning=True)
+    c.model.temporal = config_lib.video_temporal(cross_attention=True, mask_conditioning=True)
     c.trainable = ".*temporal.*"
     c.model_init_missing_ok = ".*temporal_cond.*"  # model_init: a base workdir
     c.sampling.context_guidance = 1.5
@@ -67,7 +66,7 @@ def get_config(arg=None):
     c.data.num_frames = 13  # 4 key frames
     c.data.fps = (7.5, 30.0)
     c.masked.regime_fps = (7.5, 30.0)
-    c.model.temporal = common.video_temporal(cross_attention=True, mask_conditioning=True, num_regimes=2)
+    c.model.temporal = config_lib.video_temporal(cross_attention=True, mask_conditioning=True, num_regimes=2)
     c.trainable = r"unet/.*"  # the paper's T2V interpolator trains all U-Net params
     c.model_init_missing_ok = ".*temporal_cond.*"
     c.sampling.context_guidance = 1.0
@@ -80,7 +79,7 @@ def get_config(arg=None):
                      "interpolator)")
 
   if a.runlocal:
-    common.runlocal(c)
+    config_lib.runlocal(c)
     c.optimizer.lr = 5e-4
     c.sampling.guidance_scale = 3.0
     if a.stage == "interpolator":

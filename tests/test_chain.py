@@ -16,8 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from configs import common, rds
-from videoldm_jax import parallel, sample, train
+from configs import rds
+from videoldm_jax import config_lib, parallel, sample, sampling, tasks, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = {"autoencoder": 2, "image": 3, "base": 2, "predictor": 2, "interpolator": 2}
@@ -67,7 +67,7 @@ def chain(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("chain") / "rds"
   calls = []
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(sample, "sample_workdir", lambda *a, **kw: calls.append((a, kw)) or {})
+    mp.setattr(sampling, "sample_workdir", lambda *a, **kw: calls.append((a, kw)) or {})
     results = train.train_chain(_tiny_chain_config(), str(workdir))
   assert calls == [((str(workdir),), dict(num_samples=2, batch_size=2))]
   return workdir, results
@@ -81,13 +81,13 @@ def _state(stage_dir):
 
 def test_default_config_is_the_chain():
   config = rds.get_config("runlocal")
-  assert common.is_chain(config) and tuple(config.chain) == rds.CHAIN == ("autoencoder", "image", "base",
+  assert config_lib.is_chain(config) and tuple(config.chain) == rds.CHAIN == ("autoencoder", "image", "base",
                                                                           "predictor", "interpolator")
-  common.validate_chain(config)
+  tasks.validate(config)
   assert all(config.stages[s].stage == s and config.stages[s].runlocal for s in config.chain)
   config.chain = ("image", "decoder")
   with pytest.raises(ValueError, match="'decoder'"):
-    common.validate_chain(config)
+    tasks.validate(config)
 
 
 def test_chain_trains_every_stage_from_the_previous(chain):

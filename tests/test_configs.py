@@ -2,8 +2,8 @@
 
 import pytest
 
-from configs import common, rds, webvid
-from videoldm_jax import parallel, tasks, train
+from configs import rds, webvid
+from videoldm_jax import config_lib, parallel, tasks, train
 
 
 @pytest.mark.parametrize("module,arg", [
@@ -13,7 +13,7 @@ from videoldm_jax import parallel, tasks, train
 ])
 def test_configs_validate(module, arg):
   config = module.get_config(arg)
-  common.validate(config)
+  tasks.validate(config)
   assert config.stage in arg
   assert ("runlocal" in arg) == config.runlocal
 
@@ -24,12 +24,12 @@ def test_docstrings_show_their_commands():
 
 
 def test_parse_arg():
-  a = common.parse_arg("stage=image,runlocal,n=3", stage="base", runlocal=False, n=1)
+  a = config_lib.parse_arg("stage=image,runlocal,n=3", stage="base", runlocal=False, n=1)
   assert (a.stage, a.runlocal, a.n) == ("image", True, 3)
   with pytest.raises(ValueError, match="'colour'"):
-    common.parse_arg("colour=red", stage="base")
+    config_lib.parse_arg("colour=red", stage="base")
   with pytest.raises(ValueError, match="'n' needs a value"):
-    common.parse_arg("n", n=1)
+    config_lib.parse_arg("n", n=1)
 
 
 def _base():
@@ -41,27 +41,27 @@ def test_unknown_key_is_named():
   config.unlock()
   config.optimizer.learning_rate = 1e-3
   with pytest.raises(ValueError, match=r"config\.optimizer\.learning_rate: unknown key"):
-    common.validate(config)
+    tasks.validate(config)
   config = _base()
   config.unlock()
   config.data.framez = 3
   with pytest.raises(ValueError, match=r"config\.data\.framez: unknown key"):
-    common.validate(config)
+    tasks.validate(config)
 
 
 def test_bad_values_are_named():
   config = _base()
   config.dtype = "float16"
   with pytest.raises(ValueError, match=r"config\.dtype='float16'"):
-    common.validate(config)
+    tasks.validate(config)
   config = _base()
   config.trainable = "(temporal"
   with pytest.raises(ValueError, match=r"config\.trainable"):
-    common.validate(config)
+    tasks.validate(config)
   config = _base()
   config.mesh.rules = "zero3"
   with pytest.raises(ValueError, match=r"config\.mesh\.rules"):
-    common.validate(config)
+    tasks.validate(config)
 
 
 def test_batch_must_divide_data_parallel_size():
@@ -69,7 +69,7 @@ def test_batch_must_divide_data_parallel_size():
   config.batch_size = 12
   mesh = parallel.make_mesh(config)  # data=8 on the 8 test devices
   with pytest.raises(ValueError, match=r"config\.batch_size=12 is not divisible by the data-parallel size 8"):
-    common.validate_for_mesh(config, parallel.data_parallel_size(mesh))
+    config_lib.validate_for_mesh(config, parallel.data_parallel_size(mesh))
 
 
 def test_stage_checks_name_the_key():

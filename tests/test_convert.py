@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from videoldm_jax import convert
-from videoldm_jax.conversion.core import ConversionError, flatten_paths
+from videoldm_jax.conversion.core import flatten_paths
 
 import reference_models
 from reference_models import write_tiny_pipeline
@@ -212,6 +212,30 @@ def compvis_case(tmp_path_factory):
   return root, state
 
 
+def test_compvis_fixture_is_the_layout_diffusers_reads(compvis_case):
+  """The fixture's CompVis file is built with this test suite's own renaming; diffusers' single-file converters
+  (``diffusers.loaders.single_file_utils``, CompVis keys -> diffusers keys) read it back into exactly the pipeline
+  folder's state dicts, so it is the real CompVis layout and not one only our converter understands."""
+  from diffusers.loaders import single_file_utils as sfu
+  from safetensors.numpy import load_file
+  root, state = compvis_case
+  ckpt = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+  pipe = root / "pipe"
+  read_back = {
+      "unet": sfu.convert_ldm_unet_checkpoint(ckpt, json.loads((pipe / "unet" / "config.json").read_text())),
+      "vae": sfu.convert_ldm_vae_checkpoint(ckpt, json.loads((pipe / "vae" / "config.json").read_text())),
+      "text_encoder": sfu.convert_ldm_clip_checkpoint(ckpt),
+  }
+  for name, back in read_back.items():
+    original = load_file(_state_dict_file(pipe, name))
+    if name == "text_encoder":  # transformers may save CLIPTextModel with or without its "text_model." prefix
+      back = {k.removeprefix("text_model."): v for k, v in back.items()}
+      original = {k.removeprefix("text_model."): v for k, v in original.items() if not k.endswith("position_ids")}
+    assert set(back) == set(original), (name, sorted(set(back) ^ set(original))[:8])
+    for k, v in original.items():  # diffusers reshapes the VAE's 1x1-conv attention weights to linear ones
+      np.testing.assert_array_equal(back[k].numpy().reshape(v.shape), v, err_msg=f"{name}: {k}")
+
+
 def _params_equal(a, b):
   fa, fb = dict(flatten_paths(a)), dict(flatten_paths(b))
   assert fa.keys() == fb.keys()
@@ -237,6 +261,35 @@ def test_single_file_equals_the_pipeline_folder(compvis_case, tmp_path, suffix):
     _params_equal(single.params[name], folder_params[name])
   assert single.configs["unet"] == folder_configs["unet"]
   assert single.schedule["beta_schedule"] == "scaled_linear"
+
+
+def test_single_file_samples_like_the_pipeline_folder(compvis_case, tmp_path):
+  """A single file stores no scheduler config: its converted schedule must still carry SD's DDIM settings (no x̂_0
+  clipping, steps_offset=1, final ᾱ = ᾱ_0), so both conversions of the same weights sample the same latents."""
+  from safetensors.numpy import save_file
+  from videoldm_jax import diffusion
+  from videoldm_jax.models.unet import UNet
+  root, state = compvis_case
+  save_file(state, str(tmp_path / "sd.safetensors"))
+  _, folder_params, folder_schedule = convert.convert_source(str(root / "pipe"))
+  single_configs, single_params, single_schedule = convert.convert_source(str(tmp_path / "sd.safetensors"))
+  assert {k: folder_schedule[k] for k in ("clip_sample", "steps_offset", "set_alpha_to_one")} == \
+      {"clip_sample": False, "steps_offset": 1, "set_alpha_to_one": False}
+  assert single_schedule == folder_schedule
+
+  unet = UNet(config=single_configs["unet"])
+  rng = np.random.default_rng(0)
+  x_T = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+  context = rng.standard_normal((1, 77, 768)).astype(np.float32)
+
+  def sample(params, schedule):
+    model_fn = lambda x, t: unet.apply({"params": params}, x, t, context)  # noqa: E731
+    return np.asarray(diffusion.ddim_sample(
+        model_fn, x_T, diffusion.from_diffusers_scheduler_config(schedule), 4,
+        config=diffusion.DDIMConfig.from_diffusers_scheduler_config(schedule)))
+
+  np.testing.assert_array_equal(sample(single_params["unet"], single_schedule),
+                                sample(folder_params["unet"], folder_schedule))
 
 
 def test_single_file_with_ema_or_stray_keys_is_refused(compvis_case, tmp_path):

@@ -1,6 +1,7 @@
 """Diffusion maths vs diffusers (DDPMScheduler / DDIMScheduler) in fp32; everything runs under jax.jit."""
 
 import functools
+import logging
 import math
 
 import diffusers
@@ -110,12 +111,10 @@ def test_from_diffusers_scheduler_config():
   ddim = diffusion.DDIMConfig.from_diffusers_scheduler_config(SD_CONFIG)
   assert ddim == diffusion.DDIMConfig(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
                                       clip_sample_range=None)
-  # Missing fields follow diffusers' class defaults.
+  # Missing noise-process fields follow diffusers' class defaults (missing DDIM settings: see the next test).
   ref_default = diffusers.DDIMScheduler.from_config({})
   default = diffusion.from_diffusers_scheduler_config({})
   assert max_abs(default.alphas_cumprod, ref_default.alphas_cumprod.numpy()) < 1e-6
-  assert diffusion.DDIMConfig.from_diffusers_scheduler_config({}) == diffusion.DDIMConfig(
-      steps_offset=0, set_alpha_to_one=True, clip_sample_range=1.0)
   trained = diffusion.from_diffusers_scheduler_config({"trained_betas": [0.1, 0.2, 0.3]})
   np.testing.assert_allclose(trained.alphas_cumprod, [0.9, 0.72, 0.504], rtol=1e-6)
   for field, value in [("beta_schedule", "sigmoid"), ("prediction_type", "flow"), ("rescale_betas_zero_snr", True),
@@ -124,6 +123,29 @@ def test_from_diffusers_scheduler_config():
       diffusion.from_diffusers_scheduler_config(dict(SD_CONFIG, **{field: value}))
   with pytest.raises(ValueError, match="timestep_spacing"):
     diffusion.DDIMConfig.from_diffusers_scheduler_config({"timestep_spacing": "middle"})
+
+
+def test_missing_ddim_settings_take_sd_values_with_a_warning(caplog):
+  """diffusers' class defaults clip x̂_0 to [-1, 1] (pixel-space DDPM); a config without the DDIM fields gets
+  Stable Diffusion's settings instead and a warning naming each missing field. Given fields are kept."""
+  sd = diffusion.DDIMConfig(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
+                            clip_sample_range=None)
+  with caplog.at_level(logging.WARNING):
+    assert diffusion.DDIMConfig.from_diffusers_scheduler_config({}) == sd
+  assert all(k in caplog.text for k in ("clip_sample", "steps_offset", "set_alpha_to_one")), caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    partial = diffusion.DDIMConfig.from_diffusers_scheduler_config({"clip_sample": False, "steps_offset": 0})
+  assert partial == diffusion.DDIMConfig(steps_offset=0, set_alpha_to_one=False, clip_sample_range=None)
+  assert "set_alpha_to_one" in caplog.text and "steps_offset" not in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):  # a complete config (SD's) warns about nothing
+    assert diffusion.DDIMConfig.from_diffusers_scheduler_config(SD_CONFIG) == sd
+  assert not caplog.text
+  # A pixel-space model that says so keeps clipping (and its range).
+  pixel = {"clip_sample": True, "clip_sample_range": 2.0, "steps_offset": 0, "set_alpha_to_one": True}
+  assert diffusion.DDIMConfig.from_diffusers_scheduler_config(pixel) == diffusion.DDIMConfig(
+      steps_offset=0, set_alpha_to_one=True, clip_sample_range=2.0)
 
 
 def test_schedule_is_a_pytree():

@@ -18,19 +18,37 @@ from videoldm_jax.models import discriminator as D  # noqa: E402
 TOL = 1e-4  # max-abs on logits of unit scale, fp32 both sides
 
 
-def torch_patchgan(config: D.DiscriminatorConfig) -> nn.Sequential:
-  """taming's ``NLayerDiscriminator.main`` with GroupNorm in BatchNorm's place (Conv3d for dims=3)."""
-  conv = nn.Conv2d if config.dims == 2 else nn.Conv3d
-  k = 4 if config.dims == 2 else (config.time_kernel, 4, 4)
-  pad = 1 if config.dims == 2 else (config.time_kernel // 2, 1, 1)
-  st = (lambda s: s) if config.dims == 2 else (lambda s: (1, s, s))
-  ch = config.channels()
-  layers = [conv(config.in_channels, ch[0], k, st(2), pad), nn.LeakyReLU(0.2)]
-  for i in range(1, config.n_layers + 1):
-    layers += [conv(ch[i - 1], ch[i], k, st(2 if i < config.n_layers else 1), pad, bias=False),
-               nn.GroupNorm(D._groups(ch[i]), ch[i]), nn.LeakyReLU(0.2)]
-  layers.append(conv(ch[-1], 1, k, st(1), pad))
-  return nn.Sequential(*layers)
+class TamingNLayerDiscriminator(nn.Module):
+  """The pix2pix / taming-transformers PatchGAN ``NLayerDiscriminator(input_nc, ndf, n_layers)``, written here from
+  the published architecture because no installed package ships one (diffusers, timm and open_clip do not; sgm's
+  3-D variant is not installed). It takes nothing from the module under test.
+
+  4x4 convs with padding 1 and LeakyReLU(0.2): ``ndf`` channels at stride 2, then ``n_layers`` convs of
+  ``ndf * min(2^n, 8)`` channels (stride 2, the last one stride 1), each without bias and followed by ``norm``,
+  then a stride-1 conv to one logit per patch. taming's norm is BatchNorm2d; ``video=True`` is the clip version
+  (Conv3d, kernel (3, 4, 4), never strided in time, padding 1 in time too).
+  """
+
+  def __init__(self, input_nc=3, ndf=64, n_layers=3, norm=nn.BatchNorm2d, video=False):
+    super().__init__()
+    conv = nn.Conv3d if video else nn.Conv2d
+    kernel = (3, 4, 4) if video else 4
+    stride = (lambda s: (1, s, s)) if video else (lambda s: s)
+    layers = [conv(input_nc, ndf, kernel, stride(2), 1), nn.LeakyReLU(0.2)]
+    mult = 1
+    for n in range(1, n_layers + 1):
+      prev, mult = mult, min(2 ** n, 8)
+      layers += [conv(ndf * prev, ndf * mult, kernel, stride(2 if n < n_layers else 1), 1, bias=False),
+                 norm(ndf * mult), nn.LeakyReLU(0.2)]
+    layers.append(conv(ndf * mult, 1, kernel, stride(1), 1))
+    self.main = nn.Sequential(*layers)
+
+  def forward(self, x):
+    return self.main(x)
+
+
+def _group_norm(channels):
+  return nn.GroupNorm(min(32, channels), channels)  # 32 groups; every channel count here is a power of two
 
 
 def _out(n: int, stride: int) -> int:  # k=4, padding 1
@@ -41,14 +59,14 @@ def _out(n: int, stride: int) -> int:  # k=4, padding 1
 def test_shapes_and_parity_with_torch(dims):
   config = D.DiscriminatorConfig(ndf=8, n_layers=3, dims=dims)
   torch.manual_seed(dims)
-  ref = torch_patchgan(config).eval()
+  ref = TamingNLayerDiscriminator(3, 8, 3, norm=_group_norm, video=dims == 3).eval()
   with torch.no_grad():
     for p in ref.parameters():
       if p.ndim == 1:
         p.add_(0.1 * torch.randn_like(p))
   model = D.NLayerDiscriminator(config)
   abstract = jax.eval_shape(model.init, jax.random.key(0), D.example_input(config))["params"]
-  sd = {"main." + k: v.detach().numpy() for k, v in ref.state_dict().items()}
+  sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
   params = convert_strict(DictSource(sd), abstract, what="discriminator")
 
   shape = (2, 40, 72, 3) if dims == 2 else (2, 5, 40, 72, 3)
@@ -69,10 +87,11 @@ def test_shapes_and_parity_with_torch(dims):
 
 
 def test_full_size_param_count_and_example_independence():
-  # taming's NLayerDiscriminator(3, 64, 3) has 2,765,633 params (BatchNorm's affine = GroupNorm's affine).
+  # taming's NLayerDiscriminator(3, 64, 3): 2,765,633 params (BatchNorm's affine has GroupNorm's param count).
   full = jax.eval_shape(D.NLayerDiscriminator(D.DiscriminatorConfig.patchgan()).init, jax.random.key(0),
                         D.example_input(D.DiscriminatorConfig.patchgan()))
-  assert sum(x.size for x in jax.tree.leaves(full)) == 2_765_633
+  taming = sum(p.numel() for p in TamingNLayerDiscriminator(3, 64, 3).parameters())
+  assert sum(x.size for x in jax.tree.leaves(full)) == taming == 2_765_633
 
   # GroupNorm keeps examples independent (BatchNorm would couple them); the 3-D kernel mixes neighbouring frames.
   for dims in (2, 3):

@@ -1,6 +1,10 @@
-"""LPIPS (VGG16): parity with a PyTorch reference laid out like torchvision ``vgg16()`` + lpips v0.1 heads, strict
-conversion from the two weight files, and the behaviour of the distance."""
+"""LPIPS (VGG16): parity with the lpips package's own ``LPIPS(net="vgg", version="0.1")`` (its ScalingLayer, the v0.1
+linear heads it ships in ``lpips/weights/v0.1/vgg.pth`` and its forward, on torchvision's VGG16), strict conversion
+from the two weight files, and the behaviour of the distance."""
 
+import importlib.util
+import os
+import subprocess
 import sys
 
 sys.modules.setdefault("torchvision", None)  # the installed torchvision is broken; nothing here needs it
@@ -16,79 +20,104 @@ from videoldm_jax.conversion.core import ConversionError, DictSource  # noqa: E4
 from videoldm_jax.conversion.lpips import convert_lpips, load_lpips  # noqa: E402
 from videoldm_jax.models.lpips import LPIPS, SCALE, SHIFT, LPIPSConfig, normalize_channels  # noqa: E402
 
-# Max-abs error on the distances (values ~1e-2 .. 1); fp32 on both sides.
-TOL = 1e-4
+# Max error on the distances relative to their size; fp32 on both sides (measured: ~3e-7).
+RTOL = 1e-5
+
+# The released heads, as the lpips PyPI package ships them (found without importing the package).
+LPIPS_HEADS = os.path.join(importlib.util.find_spec("lpips").submodule_search_locations[0], "weights", "v0.1",
+                           "vgg.pth")
+
+# Run in a fresh interpreter: the lpips package imports torchvision, whose package __init__ fails on this torch
+# build (it registers C++ ops the build lacks). VGG16 itself is pure Python, so the script loads
+# torchvision.models.vgg alone (package __init__ files skipped), hands it to lpips and runs lpips' own forward:
+# its ScalingLayer, normalisation, NetLinLayer heads loaded from the shipped vgg.pth and spatial average. The VGG16
+# trunk is torchvision's random init (ImageNet weights are not available offline) with non-zero biases.
+_REFERENCE_SCRIPT = r"""
+import importlib.util, os, sys, types
+import numpy as np
+import torch
+
+root = os.path.dirname(importlib.util.find_spec("torchvision").origin)
+for name, sub in (("torchvision", ""), ("torchvision.models", "models")):
+  package = types.ModuleType(name)
+  package.__path__ = [os.path.join(root, sub)]
+  sys.modules[name] = package
+from torchvision.models import vgg
+sys.modules["torchvision"].models = sys.modules["torchvision.models"]
+sys.modules["torchvision.models"].vgg16 = vgg.vgg16
+import lpips
+
+torch.manual_seed(0)
+net = lpips.LPIPS(net="vgg", version="0.1", pretrained=False, pnet_rand=True, verbose=False).eval()
+heads = torch.load(sys.argv[2], map_location="cpu", weights_only=True)
+assert not net.load_state_dict(heads, strict=False).unexpected_keys
+state = net.state_dict()
+assert all(torch.equal(state[k], v) for k, v in heads.items())
+trunk = {}
+for stage in (net.net.slice1, net.net.slice2, net.net.slice3, net.net.slice4, net.net.slice5):
+  for key, value in stage.state_dict().items():  # keys keep torchvision's vgg16().features indices
+    trunk[key] = value
+with torch.no_grad():
+  for key, value in trunk.items():
+    if key.endswith("bias"):
+      value.normal_(0.0, 0.05)
+rng = np.random.default_rng(1)
+x0 = rng.uniform(-1, 1, (2, 3, 48, 64)).astype(np.float32)
+x1 = np.clip(x0 + 0.3 * (rng.uniform(-1, 1, x0.shape) - x0), -1, 1).astype(np.float32)  # a related pair
+with torch.no_grad():
+  d = net(torch.from_numpy(x0), torch.from_numpy(x1)).reshape(-1).numpy()
+np.savez(sys.argv[1], x0=x0, x1=x1, d=d, shift=net.scaling_layer.shift.reshape(-1).numpy(),
+         scale=net.scaling_layer.scale.reshape(-1).numpy(),
+         **{"features." + k: v.numpy() for k, v in trunk.items()},
+         **{k: state[k].numpy() for k in heads})
+"""
+
+
+@pytest.fixture(scope="module")
+def lpips_reference(tmp_path_factory):
+  """The lpips package's distances on a random VGG16 + the shipped heads, with the tensors and inputs it used."""
+  out = tmp_path_factory.mktemp("lpips") / "reference.npz"
+  res = subprocess.run([sys.executable, "-c", _REFERENCE_SCRIPT, str(out), LPIPS_HEADS], capture_output=True,
+                       text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  with np.load(out) as f:
+    return {k: f[k] for k in f.files}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# PyTorch reference, written from the lpips package's algorithm with plain torch modules.
+# State dicts laid out like torchvision ``vgg16()`` and the lpips heads, at any size (the tiny configs below).
 
 class TorchVGG(nn.Module):
   """torchvision ``vgg16()`` layout: ``features`` (``nn.Sequential``, conv/ReLU/max-pool at torchvision's indices)
   and a ``classifier`` (present in the ImageNet file, unused by LPIPS)."""
 
-  def __init__(self, config: LPIPSConfig):
+  def __init__(self, channels, convs_per_stage):
     super().__init__()
     layers, c_in = [], 3
-    for stage, (c, n) in enumerate(zip(config.channels, config.convs_per_stage)):
+    for stage, (c, n) in enumerate(zip(channels, convs_per_stage)):
       if stage:
         layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
       for _ in range(n):
         layers += [nn.Conv2d(c_in, c, kernel_size=3, padding=1), nn.ReLU(inplace=False)]
         c_in = c
-    layers.append(nn.MaxPool2d(kernel_size=2, stride=2))  # pool5: in torchvision's features, not tapped by LPIPS
+    layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
     self.features = nn.Sequential(*layers)
     self.classifier = nn.Sequential(nn.Linear(c_in, 10), nn.ReLU(), nn.Linear(10, 10))
-    self.taps = []  # indices of the ReLU after each stage's last conv (relu1_2, ..., relu5_3)
-    i = -1
-    for stage, n in enumerate(config.convs_per_stage):
-      i += (1 if stage else 0) + 2 * n
-      self.taps.append(i)
-
-
-class TorchLin(nn.Module):
-  """lpips ``NetLinLayer``: ``model = Sequential(Dropout(), Conv2d(c, 1, 1, bias=False))``."""
-
-  def __init__(self, c: int):
-    super().__init__()
-    self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(c, 1, 1, 1, 0, bias=False))
 
 
 class TorchLins(nn.Module):
-  def __init__(self, config: LPIPSConfig):
+  """lpips ``NetLinLayer`` heads: ``linK.model = Sequential(Dropout(), Conv2d(c, 1, 1, bias=False))``."""
+
+  def __init__(self, channels):
     super().__init__()
-    for k, c in enumerate(config.channels):
-      setattr(self, f"lin{k}", TorchLin(c))
-
-
-def torch_lpips(vgg: TorchVGG, lins: TorchLins, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-  """lpips ``LPIPS(net='vgg', version='0.1').forward(x0, x1)`` (NCHW in [-1, 1]) -> ``[n]``."""
-  shift = torch.tensor(SHIFT).view(1, 3, 1, 1)
-  scale = torch.tensor(SCALE).view(1, 3, 1, 1)
-
-  def taps(x):
-    out, h = [], (x - shift) / scale
-    for i, layer in enumerate(vgg.features):
-      h = layer(h)
-      if i in vgg.taps:
-        out.append(h)
-      if i == vgg.taps[-1]:
-        break
-    return out
-
-  def normalize(f, eps=1e-10):
-    return f / (torch.sqrt(torch.sum(f ** 2, dim=1, keepdim=True)) + eps)
-
-  total = 0
-  for k, (f0, f1) in enumerate(zip(taps(x0), taps(x1))):
-    d = (normalize(f0) - normalize(f1)) ** 2
-    total = total + getattr(lins, f"lin{k}").model(d).mean(dim=(2, 3), keepdim=True)
-  return total.view(-1)
+    for k, c in enumerate(channels):
+      setattr(self, f"lin{k}", nn.Module())
+      getattr(self, f"lin{k}").model = nn.Sequential(nn.Dropout(), nn.Conv2d(c, 1, 1, 1, 0, bias=False))
 
 
 def torch_models(config: LPIPSConfig, seed: int = 0):
   torch.manual_seed(seed)
-  vgg, lins = TorchVGG(config).eval(), TorchLins(config).eval()
+  vgg, lins = TorchVGG(config.channels, config.convs_per_stage), TorchLins(config.channels)
   with torch.no_grad():
     for name, p in vgg.named_parameters():
       if name.endswith("bias"):
@@ -108,20 +137,39 @@ def images(seed: int, n: int = 2, h: int = 48, w: int = 64) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------------------
 
-def test_parity_with_torch_vgg16():
-  config = LPIPSConfig.vgg16()
-  vgg, lins = torch_models(config)
-  params = convert_lpips(DictSource(state_dict_numpy(vgg)), DictSource(state_dict_numpy(lins)), config)
-  x0, x1 = images(1), images(2)
-  x1 = np.clip(x0 + 0.3 * (x1 - x0), -1, 1)  # a related pair, like a reconstruction
-  with torch.no_grad():
-    ref = torch_lpips(vgg, lins, torch.from_numpy(x0).permute(0, 3, 1, 2), torch.from_numpy(x1).permute(0, 3, 1, 2))
-  ours = jax.jit(LPIPS(config).apply)({"params": params}, x0, x1)
-  err = float(np.max(np.abs(np.asarray(ours) - ref.numpy())))
-  print(f"lpips vgg16 parity: ours {np.asarray(ours)} ref {ref.numpy()} max-abs {err:.2e}")
+def test_input_scaling_is_the_lpips_packages(lpips_reference):
+  np.testing.assert_allclose(SHIFT, lpips_reference["shift"], rtol=0, atol=1e-7)
+  np.testing.assert_allclose(SCALE, lpips_reference["scale"], rtol=0, atol=1e-7)
+
+
+def test_parity_with_the_lpips_package(lpips_reference):
+  ref = lpips_reference
+  vgg = {k: v for k, v in ref.items() if k.startswith("features.")}
+  lins = {k: v for k, v in ref.items() if k.startswith("lin")}
+  params = convert_lpips(DictSource(vgg), DictSource(lins), LPIPSConfig.vgg16())
+  x0, x1 = ref["x0"].transpose(0, 2, 3, 1), ref["x1"].transpose(0, 2, 3, 1)
+  ours = np.asarray(jax.jit(LPIPS(LPIPSConfig.vgg16()).apply)({"params": params}, x0, x1))
+  err = float(np.max(np.abs(ours - ref["d"])) / np.max(ref["d"]))
+  print(f"lpips vgg16 parity: ours {ours} lpips {ref['d']} relative error {err:.2e}")
   assert ours.shape == (2,)
-  assert np.all(ref.numpy() > 1e-3)  # not trivially zero
-  assert err <= TOL
+  assert np.all(ref["d"] > 1e-3)  # not trivially zero
+  assert err <= RTOL
+
+
+def test_shipped_heads_and_a_vgg16_file_convert(lpips_reference, tmp_path):
+  """``load_lpips`` on the lpips package's own ``v0.1/vgg.pth`` and a torchvision-layout VGG16 trunk file."""
+  trunk = {k.removeprefix("features."): torch.from_numpy(v) for k, v in lpips_reference.items()
+           if k.startswith("features.")}
+  torch.save(trunk, tmp_path / "vgg16_features.pth")  # ``vgg16().features.state_dict()``: keys ``N.weight``
+  params = load_lpips(str(tmp_path / "vgg16_features.pth"), LPIPS_HEADS, LPIPSConfig.vgg16())
+  heads = torch.load(LPIPS_HEADS, map_location="cpu", weights_only=True)
+  assert sorted(heads) == [f"lin{k}.model.1.weight" for k in range(5)]
+  for k in range(5):
+    w = heads[f"lin{k}.model.1.weight"].numpy()  # [1, c, 1, 1]
+    assert w.min() >= 0  # the released heads are non-negative
+    np.testing.assert_array_equal(params[f"lin{k}"]["model_1"]["kernel"], w.transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(params["features_28"]["kernel"],
+                                lpips_reference["features.28.weight"].transpose(2, 3, 1, 0))
 
 
 def test_conversion_is_strict_and_reads_files(tmp_path):
@@ -147,7 +195,8 @@ def test_conversion_is_strict_and_reads_files(tmp_path):
   with pytest.raises(ConversionError, match=r"unexpected keys: features\.1\.weight"):
     convert_lpips(DictSource(extra), DictSource(lin_sd), config)
   with pytest.raises(ConversionError, match="shape mismatches"):  # VGG16-sized heads on the tiny trunk
-    convert_lpips(DictSource(vgg_sd), DictSource(state_dict_numpy(TorchLins(LPIPSConfig.vgg16()))), config)
+    convert_lpips(DictSource(vgg_sd), DictSource(state_dict_numpy(TorchLins(LPIPSConfig.vgg16().channels))),
+                  config)
 
 
 def test_identity_is_zero_and_distance_grows_with_distortion():

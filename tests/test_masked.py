@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from configs import common, rds, webvid
+from configs import rds, webvid
 from videoldm_jax import optim, tasks
 from videoldm_jax.models import unet as unet_lib
 from videoldm_jax.models.temporal import TemporalConfig
@@ -193,11 +193,11 @@ def test_training_masks(predictor):
 ])
 def test_bad_mask_settings_name_the_key(stage, key, value, match):
   config = rds.get_config(f"stage={stage},runlocal")
-  common.validate(config)
+  tasks.validate(config)
   section, _, leaf = key.rpartition(".")
   config[section][leaf] = value
   with pytest.raises(ValueError, match=match):
-    common.validate(config)
+    tasks.validate(config)
 
 
 def test_stage_configs():
@@ -205,7 +205,7 @@ def test_stage_configs():
                    (webvid.get_config, "stage=predictor"), (webvid.get_config, "stage=interpolator"),
                    (webvid.get_config, "stage=interpolator,runlocal")):
     c = get(arg)
-    common.validate(c)
+    tasks.validate(c)
     assert c.model.temporal["mask_conditioning"]
   assert webvid.get_config("stage=interpolator").trainable == r"unet/.*"  # the T2V interpolator trains all
   assert rds.get_config("stage=interpolator").trainable == ".*temporal.*"

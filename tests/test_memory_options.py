@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from configs import common, rds
+from configs import rds
 from videoldm_jax import aot, checkpoint, optim, parallel, plan, tasks, train
 from videoldm_jax.models import layers
 from videoldm_jax.models import unet as unet_lib
@@ -94,7 +94,7 @@ def test_frozen_dtype_is_validated():
   config = rds.get_config("stage=base,runlocal")
   config.frozen_dtype = "float16"
   with pytest.raises(ValueError, match=r"config.frozen_dtype='float16'"):
-    common.validate(config)
+    tasks.validate(config)
 
 
 def test_restore_or_init_stores_frozen_params_in_bf16(tmp_path):
@@ -108,7 +108,7 @@ def test_restore_or_init_stores_frozen_params_in_bf16(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
   restored = checkpoint.restore_or_init(config, str(tmp_path), task.init, jax.random.PRNGKey(0), mesh,
                                         parallel.logical_rules(config), task.tx, ckpt,
-                                        compiler_options=train.compiler_options(config))
+                                        compiler_options=aot.compiler_options(config))
   ckpt.close()
   frozen_dtypes = {x.dtype for x in jax.tree.leaves(restored.frozen)}
   assert frozen_dtypes == {jnp.dtype(jnp.bfloat16)}

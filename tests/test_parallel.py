@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import common
-from videoldm_jax import optim, parallel
+from videoldm_jax import config_lib, optim, parallel, tasks
 from videoldm_jax.models import layers
 
 
 def _config(**mesh):
-  c = common.base_config()
+  c = config_lib.base_config()
   for k, v in mesh.items():
     c.mesh[k] = v
   return c
@@ -98,16 +97,16 @@ def test_validation_rejects_batch_not_divisible_by_data_x_fsdp():
   config = _config(ici_data_parallelism=2, ici_fsdp_parallelism=4)
   config.batch_size = 12
   with pytest.raises(ValueError, match=r"config\.batch_size=12 is not divisible by the data-parallel size 8"):
-    common.validate(config)
+    tasks.validate(config)
   config.batch_size = 16
-  common.validate(config)
+  tasks.validate(config)
   # With a -1 knob the size is known only with the devices: the mesh-time check names the key the same way.
   config = _config(ici_data_parallelism=-1, ici_fsdp_parallelism=2)
   config.batch_size = 12
-  common.validate(config)
+  tasks.validate(config)
   mesh = parallel.make_mesh(config)
   with pytest.raises(ValueError, match=r"config\.batch_size=12 is not divisible by the data-parallel size 8"):
-    common.validate_for_mesh(config, parallel.data_parallel_size(mesh))
+    config_lib.validate_for_mesh(config, parallel.data_parallel_size(mesh))
 
 
 def test_mesh_presets():

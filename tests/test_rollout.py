@@ -46,7 +46,8 @@ def test_rollout_frame_count_context_and_one_compile():
   assert not np.allclose(window[:, 2:], 0)
   # 4 windows (the first one given): 5 + 3 * 3 = 14 frames; ask for 13 -> exactly 13, trimmed at the end.
   assert pipeline.num_windows(13, 5, 2) == 4 and pipeline.frames_of_windows(4, 5, 2) == 14
-  chunks = list(pipeline.rollout(step, trainable, frozen, BATCH, first, 13, rng, num_context=2))
+  chunks = list(pipeline.rollout(functools.partial(step, trainable, frozen), BATCH, first, 13, rng,
+                                num_context=2))
   assert [c.shape[1] for c in chunks] == [5, 3, 3, 2]
   video = np.concatenate(chunks, axis=1)
   assert video.shape == (B, 13, H, W, C)
@@ -68,8 +69,8 @@ def test_interpolation_length_and_key_frames(interp, num_keys, chunking, group):
   keys = np.asarray(jax.random.normal(jax.random.PRNGKey(num_keys), (B, num_keys, H, W, C)))
   bounds = np.cumsum((0,) + chunking)
   chunks = [keys[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-  out = np.concatenate(list(pipeline.interpolate(step, trainable, frozen, BATCH, chunks, jax.random.PRNGKey(0),
-                                                 window_keys=3, stride=4, group=group)), axis=1)
+  out = np.concatenate(list(pipeline.interpolate(functools.partial(step, trainable, frozen), BATCH, chunks,
+                                                 jax.random.PRNGKey(0), window_keys=3, stride=4, group=group)), axis=1)
   assert out.shape[1] == 4 * num_keys - 3
   np.testing.assert_array_equal(out[:, ::4], keys)  # key frames kept exactly at 0, 4, 8, ...
   assert step.traces == 1

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from reference_models import write_tiny_pipeline
-from videoldm_jax import convert, sample
+from videoldm_jax import convert, text_to_image
 
 VOCAB = 49408  # the real CLIP vocabulary, so the shipped tokenizer's ids are valid
 
@@ -18,7 +18,7 @@ def test_ddim_cfg_matches_stable_diffusion_pipeline(tmp_path, prediction_type):
   convert.save_converted(str(tmp_path / "flax"), configs, params, schedule)
   converted = convert.load_converted(str(tmp_path / "flax"))
 
-  tokenizer = sample._tokenizer_for(converted.configs["text_encoder"])
+  tokenizer = text_to_image._tokenizer_for(converted.configs["text_encoder"])
   pipe = StableDiffusionPipeline(vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=tokenizer,
                                  unet=modules["unet"], scheduler=modules["scheduler"], safety_checker=None,
                                  feature_extractor=None, requires_safety_checker=False)
@@ -30,7 +30,7 @@ def test_ddim_cfg_matches_stable_diffusion_pipeline(tmp_path, prediction_type):
                latents=noise.clone(), output_type="latent").images.numpy().transpose(0, 2, 3, 1)
 
   import jax
-  ours = sample.text_to_image_latents(converted, prompts, steps=steps, guidance_scale=guidance, height=size,
+  ours = text_to_image.text_to_image_latents(converted, prompts, steps=steps, guidance_scale=guidance, height=size,
                                       width=size, rng=jax.random.PRNGKey(0),
                                       latents=noise.numpy().transpose(0, 2, 3, 1))
   ours = np.asarray(ours)
@@ -39,5 +39,5 @@ def test_ddim_cfg_matches_stable_diffusion_pipeline(tmp_path, prediction_type):
   # fp32 on both sides, relative to the latent scale (measured: ~2e-6 relative for eps and v).
   assert err < 1e-5 * max(1.0, np.abs(ref).max()), f"max abs error {err}"
   # The decoded images exist and are valid uint8 pictures.
-  images = sample.decode_latents(converted, ours)
+  images = text_to_image.decode_latents(converted, ours)
   assert images.shape == (len(prompts), size, size, 3) and images.dtype == np.uint8

@@ -9,8 +9,7 @@ import flax.linen as nn
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import common
-from videoldm_jax import optim, parallel
+from videoldm_jax import config_lib, optim, parallel
 from videoldm_jax.models import temporal, unet
 
 BLOCK = "down_blocks_0/attentions_0"
@@ -67,7 +66,7 @@ def _normalise(spec, ndim):
 
 @pytest.mark.parametrize("preset", ["data_parallel", "fsdp", "fsdp_tensor"])
 def test_preset_partition_specs(boxed_params, preset):
-  config = common.base_config()
+  config = config_lib.base_config()
   config.mesh.ici_data_parallelism, config.mesh.ici_fsdp_parallelism = 2, 2
   config.mesh.ici_tensor_parallelism, config.mesh.rules = 2, preset
   mesh = parallel.make_mesh(config)

@@ -4,14 +4,14 @@ plan commands."""
 
 import pytest
 
-from configs import common, tpu
+from configs import tpu
 from videoldm_jax import parallel, tasks
 
 @pytest.mark.parametrize("run", sorted(tpu.RUNS))
 @pytest.mark.parametrize("chip", ["v5p", "v6e", "v5e", "v4"])
 def test_runs_validate(run, chip):
   c = tpu.get_config(f"run={run},chip={chip}")
-  common.validate(c)
+  tasks.validate(c)
   assert c.dtype == "bfloat16" and c.frozen_dtype == "bfloat16" and c.data.source == "latents"
   plan = tpu.PLANS[(run, tpu.SIMILAR.get(chip, chip))]
   assert c.model.unet_overrides["remat"] == ("full" if chip == "v5e" else plan["remat"])

@@ -202,9 +202,8 @@ def test_lpips_term_from_weight_files(tmp_path):
 
 def test_full_size_config_and_checks():
   """``stage=autoencoder`` at full size: SD-shaped KL-f8 VAE + 3-layer PatchGAN, both trainable; bad keys are named."""
-  from configs import common
   config = rds.get_config("stage=autoencoder")
-  common.validate(config)
+  tasks.validate(config)
   task = tasks.get("autoencoder")(config)
   shapes = nn.meta.unbox(jax.eval_shape(task.init, jax.random.PRNGKey(0)))
   trainable, frozen = optim.split(shapes, config.trainable)

@@ -290,6 +290,47 @@ def memory_numbers(compiled) -> Dict[str, int]:
   return out
 
 
+def compiler_options(config) -> Optional[Dict[str, Any]]:
+  """XLA options for every compile of a run (``config.cpu_fast_compile``: the runlocal CPU smoke runs are dominated
+  by compile time, not step time)."""
+  import jax  # pylint: disable=g-import-not-at-top  (this module reads topologies without importing jax)
+  if config.get("cpu_fast_compile") and jax.default_backend() == "cpu":
+    return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+  return None
+
+
+def lower_train_step(train_step, args, state_shardings, frozen_shardings, mesh, rules):
+  """``jax.stages.Lowered`` of ``train_step(state, frozen, batch, rng) -> (state, metrics)`` exactly as the train
+  loop runs it: state / frozen / batch in their shardings (``args[2]``'s), state donated, metrics replicated,
+  the model's logical-axis constraints active. ``args`` may be arrays or sharded ``ShapeDtypeStruct``s."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  batch_sh = jax.tree.map(lambda x: x.sharding, args[2])
+  repl = NamedSharding(mesh, PartitionSpec())
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_sh, repl),
+                   out_shardings=(state_shardings, repl), donate_argnums=0)
+    return step.lower(*args)
+
+
+@dataclasses.dataclass
+class StepStats:
+  """What the compiler reports about a compiled program on the devices it runs on (per device)."""
+  memory: Dict[str, int]        # memory_numbers (argument / output / alias / temp / generated_code / peak bytes)
+  flops: Optional[float]
+  compile_seconds: float
+
+
+def compile_with_stats(lowered, compiler_options: Optional[Mapping[str, Any]] = None):
+  """``(compiled, StepStats)``: compiles ``lowered`` (for the local devices) and reads its memory and FLOPs."""
+  import time  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  compiled = lowered.compile(compiler_options=dict(compiler_options)) if compiler_options else lowered.compile()
+  return compiled, StepStats(memory=memory_numbers(compiled), flops=cost_numbers(compiled)[0],
+                             compile_seconds=time.time() - t0)
+
+
 def compile_report(lowered, topology_name: str, num_slices: int = 1,
                    compiler_options: Optional[Mapping[str, Any]] = None) -> CompileReport:
   """Compiles ``lowered`` (a ``jax.stages.Lowered`` for ``topology_name`` devices) and reports fit, memory, FLOPs,

@@ -99,6 +99,23 @@ class Checkpointer:
 # Plain param trees (frozen params, model_init sources).
 # ---------------------------------------------------------------------------------------------------------------
 
+INFO_FILE = "info.json"
+
+
+def write_info(workdir: str, info: Dict[str, Any]) -> None:
+  """``WORKDIR/info.json`` (what a finished stage measured for later stages), written atomically."""
+  path = epath.Path(workdir) / INFO_FILE
+  tmp = path.parent / (INFO_FILE + ".tmp")
+  tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
+  tmp.rename(path)
+
+
+def read_info(workdir: str) -> Dict[str, Any]:
+  """The ``info.json`` of a workdir ({} when it has none)."""
+  path = epath.Path(workdir) / INFO_FILE
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
 def save_params(path: str, params) -> None:
   """Blocking orbax save of a param tree (all processes participate)."""
   ckpt = ocp.StandardCheckpointer()
@@ -218,6 +235,7 @@ class Restored:
   state_shardings: optim.TrainState
   frozen_shardings: Dict[str, Any]
   source: str                     # "checkpoint" | "resume" | "model_init" | "scratch"
+  initialised: Tuple[str, ...] = ()  # flat paths of the params freshly initialised (no source provided them)
 
 
 def state_shardings(tx: optax.GradientTransformation, abstract_state: optim.TrainState, param_shardings,
@@ -265,66 +283,74 @@ def restore_or_init(config, workdir: str, init_fn: Callable, rng: jax.Array, mes
                     compiler_options: Optional[Dict[str, Any]] = None) -> Restored:
   """Materialises params and train state, sharded from the logical rules, in the documented restore order.
 
-  ``init_fn(rng)`` returns the full boxed param tree (frozen + trainable).
+  ``init_fn(rng)`` returns the full boxed param tree (frozen + trainable). Only the params no source provides are
+  initialised: the trainable ones come from the checkpoint (or ``config.resume``) when there is one, the frozen
+  ones from ``WORKDIR/frozen`` or ``config.model_init``; the init is compiled for the missing leaves alone (XLA
+  drops the rest of it), so restarting an SD-sized run costs no full random init.
   """
   wd = epath.Path(workdir)
   a = abstract_train_state(config, init_fn, rng, mesh, rules, tx)
-  shapes, shardings, frozen_shapes, frozen_sh = a.shapes, a.shardings, a.frozen_shapes, a.frozen_shardings
   abstract_state, st_sh = a.state, a.state_shardings
-
-  # Fresh params (needed for scratch, and for the leaves a model_init source does not provide).
-  full = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings,
-                 compiler_options=compiler_options)(rng)
-  trainable, frozen = optim.split(full, config.trainable)
-  del full
-
+  abstract_flat = optim.flat_paths(_with_sharding(a.shapes, a.shardings))
+  trainable_keys = set(optim.flat_paths(a.state.params))
   frozen_dir = wd / "frozen"
   model_init = config.get("model_init") or ""
+
+  # Where the train state comes from decides whether the trainable params are needed at all.
+  other = None
+  if ckpt.latest_step() is not None:
+    source = "checkpoint"
+  elif config.get("resume"):
+    other = Checkpointer(os.path.join(config.resume, "checkpoints"), async_save=False)
+    if other.latest_step() is None:
+      other.close()
+      raise FileNotFoundError(f"config.resume={config.resume!r}: no checkpoint found")
+    source = "resume"
+  else:
+    source = "model_init" if model_init else "scratch"
+  needed = {k: v for k, v in abstract_flat.items() if source in ("model_init", "scratch") or k not in trainable_keys}
+
+  values: Dict[str, jax.Array] = {}
   if frozen_dir.exists():
-    frozen = traverse_util.unflatten_dict(
-        restore_subset(str(frozen_dir), optim.flat_paths(_with_sharding(frozen_shapes, frozen_sh))), sep=SEP) \
-        if jax.tree.leaves(frozen_shapes) else {}
+    frozen_needed = {k: v for k, v in needed.items() if k not in trainable_keys}
+    values.update(restore_subset(str(frozen_dir), frozen_needed))
     logging.info("Frozen params from %s", frozen_dir)
-  source = "scratch"
   if model_init:
-    abstract_flat = optim.flat_paths(_with_sharding(shapes, shardings))
-    loaded = load_model_init(model_init, abstract_flat, missing_ok=config.get("model_init_missing_ok", ""),
-                             use_ema=config.get("model_init_use_ema", True))
-    flat_t, flat_f = optim.flat_paths(trainable), optim.flat_paths(frozen)
-    for k, v in loaded.items():
-      if k in flat_t:
-        flat_t[k] = v
-      elif not frozen_dir.exists():
-        flat_f[k] = v
-    trainable = traverse_util.unflatten_dict(flat_t, sep=SEP)
-    frozen = traverse_util.unflatten_dict(flat_f, sep=SEP) if flat_f else {}
-    source = "model_init"
+    values.update(load_model_init(model_init, {k: v for k, v in needed.items() if k not in values},
+                                  missing_ok=config.get("model_init_missing_ok", ""),
+                                  use_ema=config.get("model_init_use_ema", True)))
+  missing = sorted(k for k in needed if k not in values)
+  if missing:
+    fresh_shardings = {k: abstract_flat[k].sharding for k in missing}
+    init_missing = jax.jit(lambda r: {k: optim.flat_paths(nn.meta.unbox(init_fn(r)))[k] for k in missing},
+                           out_shardings=fresh_shardings, compiler_options=compiler_options)
+    values.update(init_missing(rng))
+  trainable = traverse_util.unflatten_dict({k: v for k, v in values.items() if k in trainable_keys}, sep=SEP)
+  frozen_flat = {k: v for k, v in values.items() if k not in trainable_keys}
+  frozen = traverse_util.unflatten_dict(frozen_flat, sep=SEP) if frozen_flat else {}
+
   if jax.process_index() == 0:
     wd.mkdir(parents=True, exist_ok=True)
   if model_init:
     if jax.process_index() == 0:
       (wd / "model_init.json").write_text(json.dumps({"model_init": str(epath.Path(model_init).absolute())}))
-  elif not frozen_dir.exists() and jax.tree.leaves(frozen):
+  elif not frozen_dir.exists() and frozen_flat:
     save_params(str(frozen_dir), frozen)   # random-init backbone: keep it for restarts and later stages
 
   abstract_sharded = _with_sharding(abstract_state, st_sh)
-  if ckpt.latest_step() is not None:
+  if source == "checkpoint":
     state = ckpt.restore(abstract_sharded, data_iter)
-    source = "checkpoint"
-  elif config.get("resume"):
-    other = Checkpointer(os.path.join(config.resume, "checkpoints"), async_save=False)
-    if other.latest_step() is None:
-      raise FileNotFoundError(f"config.resume={config.resume!r}: no checkpoint found")
+  elif source == "resume":
     state = other.restore(abstract_sharded, data_iter)
     other.close()
-    source = "resume"
   else:
     state = jax.jit(lambda p: optim.init_state(p, tx, abstract_state.ema_params is not None), out_shardings=st_sh,
                     compiler_options=compiler_options)(trainable)
   logging.info("State from %s at step %d", source, int(state.step))
   # Frozen params are kept (and saved above) in float32; the step sees them in their storage dtype.
   frozen = optim.cast_frozen(frozen, config.get("frozen_dtype", "float32"))
-  return Restored(state=state, frozen=frozen, state_shardings=st_sh, frozen_shardings=frozen_sh, source=source)
+  return Restored(state=state, frozen=frozen, state_shardings=st_sh, frozen_shardings=a.frozen_shardings,
+                  source=source, initialised=tuple(missing))
 
 
 # ---------------------------------------------------------------------------------------------------------------

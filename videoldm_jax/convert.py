@@ -185,15 +185,23 @@ def _convert_diffusers_component(kind: str, folder: str, dtype) -> Tuple[Any, Di
   raise ConversionError(f"{folder}: unsupported component {kind!r}")
 
 
+# DDIM settings of every Stable Diffusion pipeline's scheduler/scheduler_config.json (SD 1.x and 2.x alike): no
+# x̂_0 clipping (latents are not in [-1, 1]), "leading" timesteps shifted by 1, final ᾱ = ᾱ_0. A CompVis single file
+# stores no scheduler config, so its schedule gets these; otherwise it would sample unlike the same weights in a
+# pipeline folder.
+SD_DDIM_SETTINGS = {"clip_sample": False, "steps_offset": 1, "set_alpha_to_one": False, "timestep_spacing": "leading"}
+
+
 def _schedule_from_scheduler_config(cfg: Mapping) -> Dict[str, Any]:
   keys = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "prediction_type", "steps_offset",
-          "set_alpha_to_one", "clip_sample")
+          "set_alpha_to_one", "clip_sample", "timestep_spacing")
   return {k: cfg[k] for k in keys if k in cfg}
 
 
 def _schedule_from_compvis(source: TensorSource, prediction_type: str) -> Dict[str, Any]:
-  """Recovers the training schedule from a CompVis checkpoint's ``betas`` buffer (or SD's default)."""
-  schedule: Dict[str, Any] = {"num_train_timesteps": 1000, "prediction_type": prediction_type}
+  """Recovers the training schedule from a CompVis checkpoint's ``betas`` buffer (or SD's default), with SD's DDIM
+  settings."""
+  schedule: Dict[str, Any] = {"num_train_timesteps": 1000, "prediction_type": prediction_type, **SD_DDIM_SETTINGS}
   if "betas" not in source.keys():
     schedule.update(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     return schedule

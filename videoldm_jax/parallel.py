@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES: Tuple[str, ...] = ("data", "fsdp", "tensor")
@@ -259,3 +259,11 @@ class GlobalBatchIterator:
   def start_prefetch(self) -> None:
     if hasattr(self.local_iter, "start_prefetch"):
       self.local_iter.start_prefetch()
+
+
+def to_host(tree):
+  """A pytree of (possibly multi-process sharded) arrays as host numpy arrays, whole on every process
+  (``jax.device_get`` only works where every shard is addressable, i.e. on one process)."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+  return multihost_utils.process_allgather(tree, tiled=True)

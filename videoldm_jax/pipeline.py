@@ -1,27 +1,33 @@
-"""Long videos from the stage models (paper Sec. 3.2-3.3): key frames -> rollout -> interpolation -> decoding.
+"""Long videos from the stage models (paper Sec. 3.2-3.3): a list of steps, one per stage, that a video flows
+through as a stream of chunks.
 
-Sampling logic only (the command line is ``videoldm_jax.sample --pipeline``). Every step is a generator of latent
-chunks ``[b, k, h, w, c]`` (host numpy), so a video of any length goes through fixed-shape jitted window steps
-that compile once each, and device memory does not grow with the length:
+The sampler (``videoldm_jax/sampling.py``) loads the stages it is given, sorts them by their task's
+``pipeline_order`` and asks each task for its :class:`Step` (``task.pipeline_step(trainable, frozen)``); nothing
+here names a stage. Between steps the video is a :class:`Stream` of chunks ``[b, k, h, w, c]`` (host numpy,
+latents or uint8 frames), so a video of any length goes through fixed-shape jitted window steps that compile
+once each, and device memory does not grow with the length. The step kinds:
 
-* :func:`rollout`: the first window (the ``base`` key-frame model, or the predictor with no context), then
-  windows of the ``predictor`` conditioned on the last ``num_context`` (2) generated frames; each window adds
-  ``T - 2`` frames. The context frames are re-imposed bit for bit, never regenerated.
-* :func:`interpolate`: windows of ``K`` key frames -> ``stride (K - 1) + 1`` frames with the key frames at
-  positions ``0, stride, ...`` unchanged; consecutive windows share their boundary key frame. A sequence of
-  ``n`` key frames becomes ``stride (n - 1) + 1`` frames (``4n - 3`` for stride 4); the last window is moved back
-  to end on the last key frame when ``n - 1`` is not a multiple of ``K - 1``.
-  Windows are batched ``group`` at a time (one call, one compile).
-* :func:`decode`: fixed-size chunks of latents -> uint8 frames.
+* :class:`FirstWindow`: key frames from one window of a key-frame model (``base``).
+* :class:`Rollout`: extends the key frames window by window, each conditioned on the last ``num_context``
+  generated frames (``predictor``); without an earlier step it makes the first window itself, unconditioned.
+  The context frames are re-imposed bit for bit, never regenerated.
+* :class:`Interpolation`: ``K`` key frames per window -> ``stride (K - 1) + 1`` frames with the key frames at
+  positions ``0, stride, ...`` unchanged; consecutive windows share their boundary key frame, so ``n`` key frames
+  become ``stride (n - 1) + 1`` frames (``4n - 3`` for stride 4), once per regime (``interpolator``: T -> 4T,
+  then 4T -> 16T). Windows are batched ``group`` at a time (one call, one compile).
+* A stream still in latents after the last step is decoded by the VAE of the step that made them
+  (:func:`decode`, fixed-size chunks); a decoder or upsampler stage adds its own step to change that.
 
-:func:`long_video` chains them: key frames at the base fps (1.875), x4 (regime 0) -> 7.5 fps, x4 (regime 1)
--> 30 fps.
+:func:`run` folds the steps; given a length in seconds it works back from the final frame rate through each
+step's ``frames_in`` to the number of key frames to make.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+import zlib
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +36,7 @@ import numpy as np
 from videoldm_jax import optim
 
 
-class Step:
+class CountingJit:
   """A jitted window sampler that counts its traces (one per distinct input shape: it must stay at one)."""
 
   def __init__(self, fn: Callable, compiler_options: Optional[Dict[str, Any]] = None):
@@ -46,7 +52,7 @@ class Step:
     return self._jit(*args)
 
 
-def predictor_step(task, num_context: Optional[int] = None, compiler_options=None) -> Step:
+def predictor_step(task, num_context: Optional[int] = None, compiler_options=None) -> CountingJit:
   """``(trainable, frozen, batch, z_ctx [b, S, h, w, c], rng) -> window [b, T, h, w, c]`` whose first S frames
   are ``z_ctx`` exactly (S = 0: an unconditional window)."""
   del num_context
@@ -59,10 +65,10 @@ def predictor_step(task, num_context: Optional[int] = None, compiler_options=Non
     mask = task.context_mask(jnp.full((b,), s), t)
     return task.sample_window(params, batch, z_known, mask, rng)
 
-  return Step(step, compiler_options)
+  return CountingJit(step, compiler_options)
 
 
-def interpolator_step(task, compiler_options=None) -> Step:
+def interpolator_step(task, compiler_options=None) -> CountingJit:
   """``(trainable, frozen, batch, keys [b, K, h, w, c], regime [b] int, rng) -> [b, stride (K - 1) + 1, h, w, c]``
   with ``out[:, stride * i] == keys[:, i]`` exactly; ``regime`` selects T->4T (0) or 4T->16T (1) (an argument,
   so both passes share one compile)."""
@@ -76,7 +82,7 @@ def interpolator_step(task, compiler_options=None) -> Step:
     regime_ids = jnp.asarray(regime, jnp.int32) if task.unet_config.temporal.num_regimes else None
     return task.sample_window(params, batch, z_known, task.interpolation_mask(b), rng, regime=regime_ids)
 
-  return Step(step, compiler_options)
+  return CountingJit(step, compiler_options)
 
 
 def num_windows(num_frames: int, window: int, num_context: int) -> int:
@@ -88,7 +94,7 @@ def frames_of_windows(windows: int, window: int, num_context: int) -> int:
   return window + (windows - 1) * (window - num_context)
 
 
-def rollout(step: Step, trainable, frozen, batch, first: np.ndarray, num_frames: int, rng: jax.Array,
+def rollout(window_fn: Callable, batch, first: np.ndarray, num_frames: int, rng: jax.Array,
             num_context: int = 2) -> Iterator[np.ndarray]:
   """Yields latent chunks ``[b, k, h, w, c]`` that add up to exactly ``num_frames`` frames: ``first`` (the first
   window, trimmed), then the new frames of each predictor window conditioned on the previous window's last
@@ -99,7 +105,7 @@ def rollout(step: Step, trainable, frozen, batch, first: np.ndarray, num_frames:
   ctx = jnp.asarray(first[:, -num_context:])
   i = 0
   while total < num_frames:
-    window = step(trainable, frozen, batch, ctx, jax.random.fold_in(rng, i))
+    window = window_fn(batch, ctx, jax.random.fold_in(rng, i))
     new = np.asarray(window[:, num_context:num_context + num_frames - total])
     yield new
     ctx = window[:, -num_context:]
@@ -130,7 +136,7 @@ def _interpolation_jobs(keys: Iterable[np.ndarray], k: int, stride: int):
   yield frames, slice(offset, offset + stride * (left - 1) + 1)
 
 
-def interpolate(step: Step, trainable, frozen, batch, keys: Iterable[np.ndarray], rng: jax.Array, *,
+def interpolate(window_fn: Callable, batch, keys: Iterable[np.ndarray], rng: jax.Array, *,
                 window_keys: int, stride: int, regime: int = 0, group: int = 1) -> Iterator[np.ndarray]:
   """Key-frame chunks ``[b, k, h, w, c]`` (any chunking) -> interpolated chunks; ``n`` keys in total give
   ``stride (n - 1) + 1`` frames, key ``i`` at position ``stride i`` unchanged (see the module docstring).
@@ -144,7 +150,7 @@ def interpolate(step: Step, trainable, frozen, batch, keys: Iterable[np.ndarray]
     jobs = pending + [pending[-1]] * (group - len(pending))
     stacked = np.concatenate([np.stack(frames, axis=1) for frames, _ in jobs], axis=0)  # [(g b), k, ...]
     regimes = jnp.full((stacked.shape[0],), regime, jnp.int32)
-    out = np.asarray(step(trainable, frozen, tiled, jnp.asarray(stacked), regimes, jax.random.fold_in(rng, calls)))
+    out = np.asarray(window_fn(tiled, jnp.asarray(stacked), regimes, jax.random.fold_in(rng, calls)))
     calls += 1
     b = out.shape[0] // group
     results = [out[i * b:(i + 1) * b][:, sl] for i, (_, sl) in enumerate(pending)]
@@ -189,65 +195,163 @@ def _counted(chunks: Iterable[np.ndarray], bar) -> Iterator[np.ndarray]:
     yield c
 
 
-def long_video(*, batch, rng: jax.Array, num_key_frames: int, base=None, predictor=None, interpolator=None,
-               interpolations: int = 2, decode_chunk: int = 16, interpolation_group: int = 8,
-               progress: bool = True, compiler_options=None) -> Iterator[np.ndarray]:
-  """Yields uint8 frame chunks ``[b, k, H, W, 3]`` of ``stride**interpolations (num_key_frames - 1) + 1`` frames.
+# ---------------------------------------------------------------------------------------------------------------
+# Steps.
+# ---------------------------------------------------------------------------------------------------------------
 
-  ``base`` / ``predictor`` / ``interpolator``: ``(task, trainable, frozen)`` of trained stages (any may be None:
-  without ``predictor`` the key frames are one base window; without ``base`` the predictor makes the first window
-  with no context; without ``interpolator`` nothing is interpolated). ``batch``: the conditioning of the ``b``
-  videos (labels / caption ids, and ``video`` for the base sampler's shape).
-  """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  if base is None and predictor is None:
-    raise ValueError("the pipeline needs a base or a predictor stage for the key frames")
-  bars = []
+@dataclasses.dataclass
+class Stream:
+  """The video between steps: ``chunks`` ``[b, k, h, w, c]`` in order, ``num_frames`` in all at ``fps``;
+  ``decode`` (latents ``[b, n, h, w, c]`` -> uint8 ``[b, n, H, W, 3]``) while they are latents, None for pixels."""
+  chunks: Iterable[np.ndarray]
+  num_frames: int
+  fps: float
+  decode: Optional[Callable] = None
 
-  def bar(total, desc):
-    b = tqdm(total=total, desc=desc, unit="frame", position=len(bars), leave=True,
-             disable=not progress or jax.process_index() != 0)
-    bars.append(b)
+
+@dataclasses.dataclass
+class Context:
+  """What every step may read: ``batch`` (host numpy, ``b`` videos: their conditioning, and the ``video`` /
+  ``latents`` fields that give the key-frame shape), ``rng``, ``num_key_frames`` (None: each key-frame step's
+  default), ``options`` (sampler settings a step understands, e.g. ``num_windows``, ``interpolations``)."""
+  batch: Dict[str, Any]
+  rng: jax.Array
+  num_key_frames: Optional[int] = None
+  key_frames_made: int = 0  # set by the key-frame steps
+  options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  progress: bool = True
+  bars: List[Any] = dataclasses.field(default_factory=list)
+
+  @property
+  def cond(self) -> Dict[str, Any]:
+    """The conditioning fields of ``batch`` (labels / caption ids)."""
+    return {k: v for k, v in self.batch.items() if k in ("labels", "caption_ids")}
+
+  def rng_for(self, name: str) -> jax.Array:
+    return jax.random.fold_in(self.rng, zlib.crc32(name.encode()))
+
+  def bar(self, total: int, desc: str):
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    b = tqdm(total=total, desc=desc, unit="frame", position=len(self.bars), leave=True,
+             disable=not self.progress or jax.process_index() != 0)
+    self.bars.append(b)
     return b
 
-  cond = {k: v for k, v in batch.items() if k in ("labels", "caption_ids")}
-  r_base, r_roll, r_interp = jax.random.split(rng, 3)
-  # Key frames: the first window, then the rollout.
-  if base is not None:
-    task, trainable, frozen = base
-    task.config.sampling.num_samples = jax.tree.leaves(batch)[0].shape[0]
-    first = jax.jit(lambda p, f, b, r: task.sample_latents(optim.merge(p, f), b, r),
-                    compiler_options=compiler_options)(trainable, frozen, batch, r_base)
-  else:
-    task, trainable, frozen = predictor
-    video = batch.get("video")
-    b = jax.tree.leaves(cond)[0].shape[0]
-    h, w = (video.shape[2] // task.vae_config.downsample_factor, video.shape[3] // task.vae_config.downsample_factor)
-    z_ctx = jnp.zeros((b, 0, h, w, task.vae_config.latent_channels), jnp.float32)
-    first = predictor_step(task, compiler_options=compiler_options)(trainable, frozen, cond, z_ctx, r_base)
-  decoder_task, decoder_params = task, optim.merge(trainable, frozen)
-  first = np.asarray(first)
-  if predictor is None:
-    num_key_frames = min(num_key_frames, first.shape[1])
-    keys: Iterable[np.ndarray] = [first[:, :num_key_frames]]
-  else:
-    ptask, ptrain, pfrozen = predictor
-    nc = int(ptask.config.masked.num_context)
-    keys = rollout(predictor_step(ptask, compiler_options=compiler_options), ptrain, pfrozen, cond, first,
-                   num_key_frames, r_roll, nc)
-  chunks = _counted(keys, bar(num_key_frames, "key frames"))
-  total = num_key_frames
-  if interpolator is not None:
-    itask, itrain, ifrozen = interpolator
-    stride = int(itask.config.masked.stride)
-    step = interpolator_step(itask, compiler_options)
-    for i in range(interpolations):
-      total = stride * (total - 1) + 1
-      chunks = _counted(interpolate(step, itrain, ifrozen, cond, chunks, jax.random.fold_in(r_interp, i),
-                                    window_keys=len(itask.key_positions), stride=stride, regime=i,
-                                    group=interpolation_group),
-                        bar(total, f"interpolate x{stride} (regime {i})"))
-  decode_fn = jax.jit(lambda p, z: decoder_task.decode_latents(p, z), compiler_options=compiler_options)
-  yield from _counted(decode(lambda z: decode_fn(decoder_params, z), chunks, decode_chunk), bar(total, "decode"))
-  for b in bars:
-    b.close()
+
+class Step:
+  """One stage's part of the pipeline. Key-frame steps (the first) set ``key_fps``."""
+  name: str = "step"
+  key_fps: Optional[float] = None
+
+  def fps_factor(self, options: Dict[str, Any]) -> float:
+    del options
+    return 1.0
+
+  def frames_in(self, frames_out: int, options: Dict[str, Any]) -> int:
+    """Input frames this step needs to give ``frames_out`` frames."""
+    del options
+    return frames_out
+
+  def __call__(self, stream: Optional[Stream], ctx: Context) -> Stream:
+    raise NotImplementedError
+
+
+class FirstWindow(Step):
+  """Key frames: one window of ``sample(batch, rng) -> latents [b, window, h, w, c]``, trimmed to the requested
+  number of key frames."""
+
+  def __init__(self, name: str, sample: Callable, decode: Callable, fps: float):
+    self.name, self.sample, self.decode, self.key_fps = name, sample, decode, float(fps)
+
+  def __call__(self, stream, ctx):
+    if stream is not None:
+      raise ValueError(f"pipeline step {self.name!r} makes the first key frames; it cannot follow another step")
+    first = np.asarray(self.sample(ctx.batch, ctx.rng_for(self.name)))
+    n = min(first.shape[1], ctx.num_key_frames or first.shape[1])
+    ctx.key_frames_made = n
+    return Stream(_counted([first[:, :n]], ctx.bar(n, f"{self.name}: key frames")), n, self.key_fps, self.decode)
+
+
+class Rollout(Step):
+  """Key frames extended window by window: ``window_fn(cond, z_ctx [b, S, h, w, c], rng) -> [b, window, ...]``
+  whose first S frames are ``z_ctx``. Without an earlier step the first window has no context (S = 0) and
+  ``latent_shape`` ``(h, w, c)`` gives its size. Default length: ``options["num_windows"]`` (4) windows."""
+
+  def __init__(self, name: str, window_fn: Callable, decode: Callable, *, window: int, num_context: int,
+               fps: float, latent_shape: Sequence[int]):
+    self.name, self.window_fn, self.decode, self.key_fps = name, window_fn, decode, float(fps)
+    self.window, self.num_context, self.latent_shape = int(window), int(num_context), tuple(latent_shape)
+
+  def __call__(self, stream, ctx):
+    windows = ctx.options.get("num_windows") or 4
+    target = ctx.num_key_frames or frames_of_windows(int(windows), self.window, self.num_context)
+    cond = ctx.cond
+    rng = ctx.rng_for(self.name)
+    if stream is None:
+      b = jax.tree.leaves(cond)[0].shape[0]
+      z_ctx = jnp.zeros((b, 0) + self.latent_shape, jnp.float32)
+      first, decode = np.asarray(self.window_fn(cond, z_ctx, jax.random.fold_in(rng, -1))), self.decode
+    else:
+      first, decode = np.concatenate(list(stream.chunks), axis=1), stream.decode or self.decode
+    chunks = rollout(self.window_fn, cond, first, target, rng, self.num_context)
+    ctx.key_frames_made = target
+    return Stream(_counted(chunks, ctx.bar(target, f"{self.name}: key frames")), target, self.key_fps, decode)
+
+
+class Interpolation(Step):
+  """``options["interpolations"]`` passes (default: one per regime, at most 2) of ``window_fn(cond, keys [b, K,
+  h, w, c], regime [b], rng) -> [b, stride (K - 1) + 1, ...]``; pass i uses regime i."""
+
+  def __init__(self, name: str, window_fn: Callable, *, stride: int, window_keys: int, num_regimes: int,
+               group: int = 8):
+    self.name, self.window_fn = name, window_fn
+    self.stride, self.window_keys, self.num_regimes, self.group = int(stride), int(window_keys), int(num_regimes), group
+
+  def passes(self, options) -> int:
+    n = options.get("interpolations")
+    n = min(2, max(1, self.num_regimes)) if n is None else int(n)
+    if not 0 <= n <= max(1, self.num_regimes):
+      raise ValueError(f"--interpolations={n}: the {self.name} stage has {self.num_regimes} regimes "
+                       f"(0..{max(1, self.num_regimes)} passes)")
+    return n
+
+  def fps_factor(self, options):
+    return float(self.stride ** self.passes(options))
+
+  def frames_in(self, frames_out, options):
+    return int(math.ceil((frames_out - 1) / self.stride ** self.passes(options))) + 1
+
+  def __call__(self, stream, ctx):
+    if stream is None:
+      raise ValueError(f"pipeline step {self.name!r} interpolates key frames: it needs a key-frame stage before it")
+    chunks, total, fps = stream.chunks, stream.num_frames, stream.fps
+    for i in range(self.passes(ctx.options)):
+      total, fps = self.stride * (total - 1) + 1, fps * self.stride
+      chunks = _counted(interpolate(self.window_fn, ctx.cond, chunks, jax.random.fold_in(ctx.rng_for(self.name), i),
+                                    window_keys=self.window_keys, stride=self.stride, regime=i, group=self.group),
+                        ctx.bar(total, f"{self.name}: x{self.stride} (regime {i})"))
+    return Stream(chunks, total, fps, stream.decode)
+
+
+def run(steps: Sequence[Step], ctx: Context, *, seconds: Optional[float] = None,
+        decode_chunk: int = 16) -> Stream:
+  """Folds ``steps`` (in pipeline order) into a stream of uint8 frame chunks ``[b, k, H, W, 3]``.
+
+  ``seconds``: the length of the final video; the number of key frames is worked back from it through each step's
+  ``frames_in`` (a key-frame step may still give fewer, e.g. a lone base window).
+  """
+  if not steps or steps[0].key_fps is None:
+    raise ValueError(f"the pipeline needs a key-frame stage first; got steps {[s.name for s in steps]}")
+  if seconds:
+    fps = steps[0].key_fps * math.prod(s.fps_factor(ctx.options) for s in steps[1:])
+    frames = max(2, int(round(float(seconds) * fps)))
+    for s in reversed(steps[1:]):
+      frames = s.frames_in(frames, ctx.options)
+    ctx.num_key_frames = frames
+  stream = None
+  for s in steps:
+    stream = s(stream, ctx)
+  if stream.decode is not None:
+    chunks = _counted(decode(stream.decode, stream.chunks, decode_chunk), ctx.bar(stream.num_frames, "decode"))
+    stream = Stream(chunks, stream.num_frames, stream.fps, None)
+  return stream

@@ -43,8 +43,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from configs import common
-from videoldm_jax import aot, checkpoint, optim, parallel, tasks
+from videoldm_jax import aot, checkpoint, config_lib, optim, parallel, tasks
 from videoldm_jax.models import unet as unet_lib
 
 FLAGS = flags.FLAGS
@@ -60,7 +59,7 @@ def _bytes(tree) -> int:
 
 def plan(config) -> Dict[str, Any]:
   """Counts and bytes for ``config`` via ``jax.eval_shape`` of the task's init and optimizer init."""
-  common.validate(config)
+  tasks.validate(config)
   task = tasks.get(config.stage)(config)
   shapes = nn.meta.unbox(jax.eval_shape(task.init, jax.random.PRNGKey(0)))
   trainable, frozen = optim.split(shapes, config.trainable)
@@ -126,36 +125,12 @@ def _sds(shape, dtype, sharding=None) -> jax.ShapeDtypeStruct:
 
 
 def abstract_batch(config, task, batch_size: int, inputs: str = "latents") -> Dict[str, Any]:
-  """Unsharded ``ShapeDtypeStruct`` batch as the task's input pipeline yields it (global ``batch_size``).
-
-  A task may define ``abstract_batch(batch_size, inputs)``; otherwise the latent-diffusion layout: ``latents``
-  ``[b, t, h/f, w/f, c]`` (or ``video`` ``[b, t, h, w, 3]``), ``caption_ids`` / ``labels``, ``cond_mask``.
-  """
+  """Unsharded ``ShapeDtypeStruct`` batch of ``batch_size`` clips: what the task declares its input pipeline
+  yields (``task.abstract_batch``; ``inputs`` "latents" pre-encoded or "pixels" where the stage can take either)."""
+  del config
   if inputs not in INPUTS:
     raise ValueError(f"inputs={inputs!r}: expected one of {INPUTS}")
-  if hasattr(task, "abstract_batch"):
-    return task.abstract_batch(batch_size, inputs)
-  if not hasattr(task, "vae_config"):
-    raise ValueError(f"stage {config.stage!r}: the planner needs the task to define abstract_batch(batch_size, "
-                     "inputs)")
-  b, t = int(batch_size), int(config.data.num_frames)
-  h, w = int(config.data.height), int(config.data.width)
-  vc = task.vae_config
-  if not hasattr(task, "unet_config"):  # the autoencoder stage trains on pixels
-    return {"video": _sds((b, t, h, w, 3), jnp.float32)}
-  if inputs == "latents":
-    f = vc.downsample_factor
-    batch = {"latents": _sds((b, t, h // f, w // f, vc.latent_channels), jnp.float32)}
-  else:
-    batch = {"video": _sds((b, t, h, w, 3), jnp.float32)}
-  if getattr(task, "text_encoder", None) is not None:
-    batch["caption_ids"] = _sds((b, 77), jnp.int32)
-  if getattr(task, "label_encoder", None) is not None:
-    batch["labels"] = {k: _sds((b,), jnp.int32) for k in task.label_encoder.fields}
-  batch["cond_mask"] = _sds((b,), jnp.float32)
-  if getattr(task, "interpolator", False):  # the clip's fps selects the interpolation regime
-    batch["fps"] = _sds((b,), jnp.float32)
-  return batch
+  return task.abstract_batch(int(batch_size), inputs)
 
 
 def _shard_batch(batch, mesh):
@@ -180,12 +155,7 @@ def lower_train_step(config, task, mesh, batch_size: int, inputs: str = "latents
   """``jax.stages.Lowered`` of ``task.train_step`` on ``mesh``, sharded and donated as in ``train.py``."""
   rules = parallel.logical_rules(config)
   args, (state_sh, frozen_sh) = abstract_train_inputs(config, task, mesh, rules, batch_size, inputs)
-  batch_sh = jax.tree.map(lambda x: x.sharding, args[2])
-  repl = parallel.replicated(mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jax.jit(task.train_step, in_shardings=(state_sh, frozen_sh, batch_sh, repl),
-                   out_shardings=(state_sh, repl), donate_argnums=0)
-    return step.lower(*args)
+  return aot.lower_train_step(task.train_step, args, state_sh, frozen_sh, mesh, rules)
 
 
 def set_remat(config, remat):
@@ -261,13 +231,13 @@ def plan_on_topology(config, topology: str, *, num_slices: int = 1, per_device_b
   if rules is not None:
     config.mesh.rules = rules
   config.mesh.num_slices = int(num_slices)
-  common.validate(config)
+  tasks.validate(config)
   devices = aot.topology_devices(topology, num_slices)
   mesh = parallel.make_mesh(config, devices)
   dp = parallel.data_parallel_size(mesh)
   if per_device_batch is not None:
     config.batch_size = int(per_device_batch) * dp
-  common.validate_for_mesh(config, dp)
+  config_lib.validate_for_mesh(config, dp)
   task = tasks.get(config.stage)(config)
   t0 = time.time()
   lowered = lower_train_step(config, task, mesh, int(config.batch_size), inputs)
@@ -314,9 +284,9 @@ def format_plans(plans: Iterable[SlicePlan]) -> str:
 
 
 def stage_configs(config, stage: Optional[str] = None) -> List[Tuple[str, Any]]:
-  """``[(stage, config)]``: the config itself, or for a chain config (``common.is_chain``) every stage of
+  """``[(stage, config)]``: the config itself, or for a chain config (``config_lib.is_chain``) every stage of
   ``config.chain`` in order (only ``stage`` when given)."""
-  if not common.is_chain(config):
+  if not config_lib.is_chain(config):
     if stage and stage != config.stage:
       raise ValueError(f"--stage={stage!r}: the config is a single stage ({config.stage!r}), not a chain")
     return [(str(config.stage), config)]
@@ -353,7 +323,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   stages = stage_configs(FLAGS.config, FLAGS.stage)
-  chain = common.is_chain(FLAGS.config)
+  chain = config_lib.is_chain(FLAGS.config)
   if not FLAGS.topology:
     summaries = {name: plan(c) for name, c in stages}
     if FLAGS.json:

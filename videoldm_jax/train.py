@@ -12,10 +12,11 @@ batch, preview samples, checkpoints and preemption handling.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -24,8 +25,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from configs import common
-from videoldm_jax import checkpoint, parallel, tasks, writers
+from videoldm_jax import aot, checkpoint, config_lib, optim, parallel, sampling, tasks, writers
 
 FLAGS = flags.FLAGS
 
@@ -54,14 +54,6 @@ def check_model_init(config, task) -> None:
                      "use a random backbone)")
 
 
-def compiler_options(config) -> Optional[Dict[str, Any]]:
-  """XLA options for every compile of the run (``config.cpu_fast_compile``: the runlocal CPU smoke runs are
-  dominated by compile time, not step time)."""
-  if config.get("cpu_fast_compile") and jax.default_backend() == "cpu":
-    return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-  return None
-
-
 def run_rngs(config):
   """``(init, train, eval, sample)`` keys derived from ``config.seed``.
 
@@ -72,28 +64,15 @@ def run_rngs(config):
   return jax.random.key(config.seed, impl="rbg"), train_rng, eval_rng, sample_rng
 
 
-def _memory_stats(compiled) -> Optional[Dict[str, int]]:
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
-    return None
-  if m is None:
-    return None
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-            "generated_code_size_in_bytes")
-  out = {f: int(getattr(m, f, 0) or 0) for f in fields}
-  out["total_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"] + out["temp_size_in_bytes"]
-                        - out["alias_size_in_bytes"])
-  return out
-
-
-def _flops(compiled) -> Optional[float]:
-  try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0)) if cost else None
-  except Exception:  # pylint: disable=broad-except
-    return None
+def check_batch(batch, expected) -> None:
+  """The input pipeline's batch must be what the task declares (``task.abstract_batch``, which the planner
+  compiles with): same fields, shapes and dtypes. ``ValueError`` names the first field that differs."""
+  got = {k: (tuple(v.shape), str(v.dtype)) for k, v in optim.flat_paths(batch).items()}
+  want = {k: (tuple(v.shape), str(v.dtype)) for k, v in optim.flat_paths(expected).items()}
+  for k in sorted(set(got) | set(want)):
+    if got.get(k) != want.get(k):
+      raise ValueError(f"batch field {k!r}: the input pipeline gives {got.get(k, 'nothing')} but the task's "
+                       f"abstract_batch declares {want.get(k, 'nothing')}")
 
 
 def _write_config(config, workdir: epath.Path) -> None:
@@ -104,16 +83,17 @@ def _write_config(config, workdir: epath.Path) -> None:
 def train_and_evaluate(config, workdir: str) -> TrainResult:
   """Trains ``config.stage`` in ``workdir`` (resuming if it holds a checkpoint). Returns the final state."""
   # ----------------------------------------------------------------------------------------------------------
-  # Set-up: validate, mesh, task, data.
+  # Set-up: validate, settings from the model_init source, mesh, task, data.
   # ----------------------------------------------------------------------------------------------------------
-  common.validate(config)
+  tasks.validate(config)
+  config = tasks.get(config.stage).resolve_config(config)
   wd = epath.Path(workdir)
   is_main = jax.process_index() == 0
   if is_main:
     _write_config(config, wd)
   mesh = parallel.make_mesh(config)
   rules = parallel.logical_rules(config)
-  common.validate_for_mesh(config, parallel.data_parallel_size(mesh), jax.process_count())
+  config_lib.validate_for_mesh(config, parallel.data_parallel_size(mesh), jax.process_count())
   task = tasks.get(config.stage)(config)
   check_model_init(config, task)
 
@@ -125,42 +105,50 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   # ----------------------------------------------------------------------------------------------------------
   # State: sharded from the logical rules; checkpoint -> resume -> model_init -> scratch.
   # ----------------------------------------------------------------------------------------------------------
-  copts = compiler_options(config)
+  copts = aot.compiler_options(config)
   restored = checkpoint.restore_or_init(config, workdir, task.init, init_rng, mesh, rules, task.tx, ckpt, data,
                                         compiler_options=copts)
   state, frozen = restored.state, restored.frozen
   start_step = int(jax.device_get(state.step))
   n_train = sum(x.size for x in jax.tree.leaves(state.params))
   n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
-  logging.info("Params: %d trainable, %d frozen (%s); starting at step %d", n_train, n_frozen, restored.source,
-               start_step)
+  logging.info("Params: %d trainable, %d frozen (%s; %d freshly initialised); starting at step %d", n_train,
+               n_frozen, restored.source, len(restored.initialised), start_step)
 
   # ----------------------------------------------------------------------------------------------------------
   # AOT compile of the train step (out-of-memory shows here, before any step runs).
   # ----------------------------------------------------------------------------------------------------------
   batch = next(data)
-  batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-  repl = parallel.replicated(mesh)
-  t0 = time.time()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_jit = jax.jit(task.train_step, in_shardings=(restored.state_shardings, restored.frozen_shardings, batch_sh,
-                                                      repl),
-                       out_shardings=(restored.state_shardings, repl), donate_argnums=0, compiler_options=copts)
-    compiled = step_jit.lower(state, frozen, batch, train_rng).compile()
-  compile_s = time.time() - t0
-  mem = _memory_stats(compiled)
-  flops = _flops(compiled)
-  logging.info("Compiled train step in %.1fs; memory per device: %s; flops per step: %s", compile_s, mem, flops)
+  check_batch(batch, task.abstract_batch(int(config.batch_size)))
+  lowered = aot.lower_train_step(task.train_step, (state, frozen, batch, train_rng), restored.state_shardings,
+                                 restored.frozen_shardings, mesh, rules)
+  compiled, stats = aot.compile_with_stats(lowered, copts)
+  logging.info("Compiled train step in %.1fs; memory per device: %s; flops per step: %s", stats.compile_seconds,
+               stats.memory, stats.flops)
 
-  # Fixed evaluation batch (deterministic, independent of the training stream) and noise.
+  # Fixed evaluation batch (deterministic, independent of the training stream) and noise. Evaluation and
+  # previews are jitted under the run's mesh and logical-axis rules, as the train step, so the model's sharding
+  # constraints hold there too.
   eval_batch = None
   if config.eval_every_steps or config.sample_every_steps:
     eval_batch = task.fixed_batch(mesh)
-  eval_fn = jax.jit(task.eval_loss, compiler_options=copts) if config.eval_every_steps else None
-  sample_fn = jax.jit(task.sample_fn, compiler_options=copts) if config.sample_every_steps else None
+
+  def with_rules(fn):
+    jitted = jax.jit(fn, compiler_options=copts)
+
+    def call(*args):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return jitted(*args)
+
+    return call
+
+  eval_fn = with_rules(lambda *a: dict(task.eval_metrics(*a), eval_loss=task.eval_loss(*a))) \
+      if config.eval_every_steps else None
+  sample_fn = with_rules(task.sample_fn) if config.sample_every_steps else None
 
   # ----------------------------------------------------------------------------------------------------------
-  # Loop.
+  # Loop. Step metrics stay on the device until a log step (or a checkpoint) fetches them all at once; every
+  # step's "finite" flag is checked then, in order, and a non-finite step stops the run before anything is saved.
   # ----------------------------------------------------------------------------------------------------------
   writer = writers.create_writer(str(wd), just_logging=not is_main)
   if is_main and start_step == 0:
@@ -169,34 +157,40 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   watcher = checkpoint.PreemptionWatcher()
   history: List[Dict[str, float]] = []
   eval_history: List[Dict[str, float]] = []
-  window: List[Dict[str, float]] = []
-  pending = None  # (step, metrics on device) of the previous step: checked one step late, keeps the device busy
+  pending: List[Tuple[int, Any]] = []  # (step, metrics on device) not yet fetched
   preempted = False
   last_saved = start_step if restored.source == "checkpoint" else None
 
-  def check(step_metrics):
-    step, m = step_metrics
-    host = {k: float(v) for k, v in jax.device_get(m).items()}
-    if not host.pop("finite", 1.0):
-      ckpt.wait()
-      raise NonFiniteError(
-          f"Non-finite loss or gradient norm at step {step} (loss={host.get('loss')}, "
-          f"grad_norm={host.get('grad_norm')}): the update was skipped and training stopped. Last good checkpoint: "
-          f"{'step ' + str(last_saved) if last_saved is not None else 'none'} in {wd / 'checkpoints'}. "
-          "Lower config.optimizer.lr, raise config.optimizer.warmup_steps, check the inputs, or use "
-          "config.dtype='float32'.")
-    history.append(dict(host, step=step))
-    window.append(host)
+  def fetch() -> List[Dict[str, float]]:
+    """Host metrics of the pending steps; raises at the first non-finite one."""
+    fetched = jax.device_get([m for _, m in pending])
+    steps = [s for s, _ in pending]
+    pending.clear()
+    out = []
+    for step, m in zip(steps, fetched):
+      host = {k: float(v) for k, v in m.items()}
+      if not host.pop("finite", 1.0):
+        ckpt.wait()
+        raise NonFiniteError(
+            f"Non-finite loss or gradient norm at step {step} (loss={host.get('loss')}, "
+            f"grad_norm={host.get('grad_norm')}): the update was skipped and training stopped. Last good "
+            f"checkpoint: {'step ' + str(last_saved) if last_saved is not None else 'none'} in "
+            f"{wd / 'checkpoints'}. Lower config.optimizer.lr, raise config.optimizer.warmup_steps, check the "
+            "inputs, or use config.dtype='float32'.")
+      history.append(dict(host, step=step))
+      out.append(host)
+    return out
 
   def save(step):
     nonlocal last_saved
+    fetch()  # never checkpoint a state whose steps are unchecked
     ckpt.save(step, state, data)
     last_saved = step
 
   def evaluate(step):
-    ev = float(eval_fn(state.params, frozen, eval_batch, eval_rng))
-    eval_history.append({"step": step, "eval_loss": ev})
-    writer.write_scalars(step, {"eval_loss": ev})
+    metrics = {k: float(v) for k, v in jax.device_get(eval_fn(state.params, frozen, eval_batch, eval_rng)).items()}
+    eval_history.append(dict(metrics, step=step))
+    writer.write_scalars(step, metrics)
 
   step = start_step
   try:
@@ -207,36 +201,30 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
         batch = next(data)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = compiled(state, frozen, batch, train_rng)
-      if pending is not None:
-        check(pending)
-      pending = (step, metrics)
+      pending.append((step, metrics))
       progress(step)
 
       is_last = step == config.total_steps
       if config.log_every_steps and (step % config.log_every_steps == 0 or is_last):
-        check(pending)
-        pending = None
+        window = fetch()
         means = {k: float(np.mean([w[k] for w in window])) for k in window[0]} if window else {}
         if progress.steps_per_sec:
           means["steps_per_sec"] = progress.steps_per_sec
         writer.write_scalars(step, means)
-        window.clear()
       if eval_fn is not None and (step % config.eval_every_steps == 0 or is_last):
         evaluate(step)
       if sample_fn is not None and (step % config.sample_every_steps == 0 or is_last):
-        _write_samples(task, sample_fn, state, frozen, eval_batch, sample_rng, wd, step, writer, config)
+        _write_samples(sample_fn, state, frozen, eval_batch, sample_rng, wd, step, writer, config)
       stop = watcher.should_stop(step)
       if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or is_last or stop:
-        if pending is not None:  # never checkpoint a state whose last step is unchecked
-          check(pending)
-          pending = None
         save(step)
       if stop:
         preempted = True
         logging.warning("Stopped at step %d after SIGTERM; checkpoint saved.", step)
         break
-    if pending is not None:
-      check(pending)
+    fetch()
+    if not preempted and step == config.total_steps:
+      _write_info(task, state, frozen, eval_batch if eval_batch is not None else batch, eval_rng, wd)
   finally:
     ckpt.close()
     watcher.restore()
@@ -244,12 +232,12 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     if hasattr(data, "close"):
       data.close()
   return TrainResult(state=state, frozen=frozen, task=task, step=step, history=history, eval_history=eval_history,
-                     preempted=preempted, compile_seconds=compile_s, memory=mem)
+                     preempted=preempted, compile_seconds=stats.compile_seconds, memory=stats.memory)
 
 
-def _write_samples(task, sample_fn, state, frozen, batch, rng, wd: epath.Path, step: int, writer, config) -> None:
+def _write_samples(sample_fn, state, frozen, batch, rng, wd: epath.Path, step: int, writer, config) -> None:
   params = state.ema_params if state.ema_params is not None else state.params
-  videos = np.asarray(jax.device_get(sample_fn(params, frozen, batch, rng)))  # [n, t, h, w, 3] uint8
+  videos = parallel.to_host(sample_fn(params, frozen, batch, rng))  # [n, t, h, w, 3] uint8, on every process
   if jax.process_index() != 0:
     return
   out = wd / "samples"
@@ -261,8 +249,18 @@ def _write_samples(task, sample_fn, state, frozen, batch, rng, wd: epath.Path, s
   logging.info("Wrote samples %s", out / f"step_{step:07d}.gif")
 
 
+def _write_info(task, state, frozen, batch, rng, wd: epath.Path) -> None:
+  """``WORKDIR/info.json``: what the finished stage measured for the stages built on it (``task.workdir_info``,
+  from the EMA params that later stages load)."""
+  params = state.ema_params if state.ema_params is not None else state.params
+  info = {k: float(v) for k, v in jax.device_get(task.workdir_info(params, frozen, batch, rng)).items()}
+  if info and jax.process_index() == 0:
+    checkpoint.write_info(str(wd), info)
+    logging.info("Stage info %s: %s", wd / checkpoint.INFO_FILE, info)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Chains: the stages of a pipeline one after the other (configs.common.chain_config), each from the previous ones.
+# Chains: the stages of a pipeline one after the other (config_lib.chain_config), each from the previous ones.
 # ---------------------------------------------------------------------------------------------------------------
 
 def finished(config, workdir: str) -> bool:
@@ -283,13 +281,11 @@ def train_chain(config, workdir: str) -> Dict[str, Optional[TrainResult]]:
   An empty ``model_init`` of a stage becomes the previous stage's workdir (which names its own sources in turn),
   so every stage starts from all earlier results. A stage already at its ``total_steps`` is skipped and an
   interrupted one resumes, so rerunning the command continues the chain. Afterwards ``config.sample_videos``
-  videos of the last stage go to ``WORKDIR/sample.{mp4,gif,png}`` (``videoldm_jax.sample``; rewritten only when a
-  stage trained or they are missing). Returns ``{stage: TrainResult, or None when skipped}``; only the last
+  long videos through the chain's pipeline stages go to ``WORKDIR/sample.{mp4,gif,png}`` (``sampling``;
+  rewritten only when a stage trained or they are missing). Returns ``{stage: TrainResult, or None when skipped}``; only the last
   trained stage keeps its state in memory.
   """
-  import copy  # pylint: disable=g-import-not-at-top
-  from videoldm_jax import sample  # pylint: disable=g-import-not-at-top  (sits on top of train as well)
-  common.validate_chain(config)
+  tasks.validate(config)
   wd = epath.Path(workdir)
   if jax.process_index() == 0:
     _write_config(config, wd)
@@ -318,7 +314,8 @@ def train_chain(config, workdir: str) -> Dict[str, Optional[TrainResult]]:
   if config.sample_videos and (any(r is not None for r in results.values()) or not all(p.exists()
                                                                                        for p in outputs)):
     t0 = time.time()
-    out = sample.sample_workdir(str(wd), num_samples=int(config.sample_videos), batch_size=int(config.sample_videos))
+    out = sampling.sample_workdir(str(wd), num_samples=int(config.sample_videos),
+                                  batch_size=int(config.sample_videos))
     logging.info("Chain: wrote %s, %s and %s in %.1fs", out.get("mp4"), out.get("gif"), out.get("png"),
                  time.time() - t0)
   return results
@@ -346,7 +343,7 @@ def main(argv):
   parallel.initialize_distributed(config)
   logging.info("JAX %s: %d devices (%s), %d processes", jax.__version__, jax.device_count(),
                jax.devices()[0].platform, jax.process_count())
-  if common.is_chain(config):
+  if config_lib.is_chain(config):
     train_chain(config, FLAGS.workdir)
   else:
     train_and_evaluate(config, FLAGS.workdir)

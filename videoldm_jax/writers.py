@@ -1,91 +1,23 @@
 """Metric writers and progress reporting for the train loop (process 0 only).
 
-``create_writer`` returns clu's default writer (TensorBoard + logging) when clu's metric writers can be imported
-(they need TensorFlow). Otherwise it returns ``EventFileWriter``: a dependency-free TensorBoard event-file writer
-(scalars and images; animated GIF previews show as moving images in TensorBoard) plus logging. Sample videos are
-also written as ``.gif`` files under ``WORKDIR/samples``.
+``create_writer`` returns a TensorBoard writer built on the ``tensorboard`` package's own event-file writer and
+summary protos (pure Python, no TensorFlow): scalars (also logged), images, sample videos as animated GIF image
+summaries (TensorBoard plays them) and hparams (the HPARAMS dashboard). Other processes get a logging-only writer.
+The train loop also writes sample videos as ``.gif`` files under ``WORKDIR/samples``.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import os
-import socket
-import struct
 import time
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
-# ---------------------------------------------------------------------------------------------------------------
-# TFRecord framing and the few protobuf fields TensorBoard needs (hand-encoded; no TensorFlow required).
-# ---------------------------------------------------------------------------------------------------------------
-
-_CRC_TABLE = []
-for _i in range(256):
-  _c = _i
-  for _ in range(8):
-    _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
-  _CRC_TABLE.append(_c)
-
-
-def crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for b in data:
-    crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-  length = struct.pack("<Q", len(data))
-  return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  n &= (1 << 64) - 1
-  while True:
-    b = n & 0x7F
-    n >>= 7
-    out.append(b | (0x80 if n else 0))
-    if not n:
-      return bytes(out)
-
-
-def _field_bytes(num: int, payload: bytes) -> bytes:
-  return _varint(num << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _field_varint(num: int, value: int) -> bytes:
-  return _varint(num << 3) + _varint(value)
-
-
-def _event(step: int, *, summary_values: bytes = b"", file_version: Optional[str] = None) -> bytes:
-  msg = _varint(1 << 3 | 1) + struct.pack("<d", time.time()) + _field_varint(2, step)
-  if file_version:
-    msg += _field_bytes(3, file_version.encode())
-  if summary_values:
-    msg += _field_bytes(5, summary_values)
-  return msg
-
-
-def _scalar_value(tag: str, value: float) -> bytes:
-  return _field_bytes(1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", float(value)))
-
-
-def _image_value(tag: str, encoded: bytes, height: int, width: int, channels: int) -> bytes:
-  image = (_field_varint(1, height) + _field_varint(2, width) + _field_varint(3, channels)
-           + _field_bytes(4, encoded))
-  return _field_bytes(1, _field_bytes(1, tag.encode()) + _field_bytes(4, image))
-
 
 def encode_png(img: np.ndarray) -> bytes:
+  """``[h, w, c]`` uint8 -> PNG bytes."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   Image.fromarray(np.asarray(img, np.uint8)).save(buf, format="PNG")
@@ -107,74 +39,70 @@ def video_grid(videos: np.ndarray) -> np.ndarray:
   return videos.transpose(1, 2, 0, 3, 4).reshape(t, h, n * w, c)
 
 
-class EventFileWriter:
-  """TensorBoard event file (scalars, images, GIF videos) + logging; the clu ``MetricWriter`` methods we use."""
+def _log_scalars(step: int, scalars: Mapping[str, Any]) -> None:
+  logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in scalars.items()))
+
+
+class TensorBoardWriter:
+  """Event file under ``logdir`` (scalars, images, GIF videos, hparams) + logging of scalars."""
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self.path = os.path.join(logdir, name)
-    self._f = open(self.path, "ab")
-    self._f.write(tfrecord(_event(0, file_version="brain.Event:2")))
+    from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
+    self._writer = event_file_writer.EventFileWriter(logdir)
+
+  def _write(self, step: int, values) -> None:
+    from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+    summary = values if isinstance(values, summary_pb2.Summary) else summary_pb2.Summary(value=values)
+    self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+  @staticmethod
+  def _image(tag: str, encoded: bytes, height: int, width: int, channels: int):
+    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    image = summary_pb2.Summary.Image(height=height, width=width, colorspace=channels,
+                                      encoded_image_string=encoded)
+    return summary_pb2.Summary.Value(tag=tag, image=image)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    values = b"".join(_scalar_value(k, float(v)) for k, v in scalars.items())
-    self._f.write(tfrecord(_event(step, summary_values=values)))
-    logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in scalars.items()))
+    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    self._write(step, [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()])
+    _log_scalars(step, scalars)
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-    values = b""
+    """``[h, w, c]`` or ``[n, h, w, c]`` uint8 per key; several images get tags ``key/i``."""
+    values = []
     for k, v in images.items():
       v = np.asarray(v)
       for i, img in enumerate(v if v.ndim == 4 else v[None]):
         tag = k if v.ndim == 3 or len(v) == 1 else f"{k}/{i}"
-        values += _image_value(tag, encode_png(img), img.shape[0], img.shape[1], img.shape[2])
-    self._f.write(tfrecord(_event(step, summary_values=values)))
+        values.append(self._image(tag, encode_png(img), *img.shape))
+    self._write(step, values)
 
   def write_videos(self, step: int, videos: Mapping[str, np.ndarray], fps: float = 4.0) -> None:
-    """``[n, t, h, w, 3]`` uint8 videos as one animated image per key."""
-    values = b""
+    """``[n, t, h, w, 3]`` uint8 videos: one animated GIF image per key, the n clips side by side."""
+    values = []
     for k, v in videos.items():
       grid = video_grid(np.asarray(v))
-      values += _image_value(k, encode_gif(grid, fps), grid.shape[1], grid.shape[2], 3)
-    self._f.write(tfrecord(_event(step, summary_values=values)))
+      values.append(self._image(k, encode_gif(grid, fps), grid.shape[1], grid.shape[2], 3))
+    self._write(step, values)
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """bool / int / float / str values, shown in TensorBoard's HPARAMS dashboard; also logged."""
+    from tensorboard.plugins.hparams import summary_v2  # pylint: disable=g-import-not-at-top
+    self._write(0, summary_v2.hparams_pb(dict(hparams)))
     logging.info("hparams: %s", dict(hparams))
 
   def flush(self) -> None:
-    self._f.flush()
+    self._writer.flush()
 
   def close(self) -> None:
-    self._f.close()
-
-
-class _CluWriter:
-  """clu writer + ``write_videos`` (clu's TensorBoard writer has no video support: GIF frames as images)."""
-
-  def __init__(self, writer):
-    self._w = writer
-
-  def __getattr__(self, name):
-    return getattr(self._w, name)
-
-  def write_videos(self, step: int, videos: Mapping[str, np.ndarray], fps: float = 4.0) -> None:
-    del fps
-    self._w.write_images(step, {k: video_grid(np.asarray(v)) for k, v in videos.items()})
-
-
-def create_writer(workdir: str, *, just_logging: bool = False):
-  """clu's default writer if importable, else ``EventFileWriter`` (both write TensorBoard files to workdir)."""
-  try:
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    return _CluWriter(metric_writers.create_default_writer(workdir, just_logging=just_logging))
-  except ImportError:
-    return EventFileWriter(workdir) if not just_logging else _LoggingOnly()
+    self._writer.close()
 
 
 class _LoggingOnly:
+  """The writer of processes other than 0: scalars to the log, nothing else."""
+
   def write_scalars(self, step, scalars):
-    logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in scalars.items()))
+    _log_scalars(step, scalars)
 
   def write_images(self, step, images):
     pass
@@ -192,9 +120,13 @@ class _LoggingOnly:
     pass
 
 
+def create_writer(workdir: str, *, just_logging: bool = False):
+  """A ``TensorBoardWriter`` on ``workdir``, or a logging-only writer when ``just_logging``."""
+  return _LoggingOnly() if just_logging else TensorBoardWriter(workdir)
+
+
 class ReportProgress:
-  """Steps/s, ETA and time spent in named sections, written as scalars every ``every_secs`` (clu's
-  ``periodic_actions.ReportProgress`` when available, else this small equivalent)."""
+  """Steps/s and ETA, written as a scalar and logged every ``every_secs`` (or every ``every_steps`` steps)."""
 
   def __init__(self, num_train_steps: int, writer, every_secs: float = 60.0, every_steps: Optional[int] = None):
     self.total, self.writer = num_train_steps, writer

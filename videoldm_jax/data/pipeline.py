@@ -249,9 +249,14 @@ def _count_skip() -> bool:
 
 
 def latent_scale_for(config: ml_collections.ConfigDict, source) -> float:
+  return latent_scale_from_info(config, getattr(source, "info", {}) or {})
+
+
+def latent_scale_from_info(config: ml_collections.ConfigDict, info: Dict[str, Any]) -> float:
+  """The factor pre-encoded latents are scaled by: ``config.latent_scale``, else the one they were encoded with
+  (``latents_info.json``), else SD's."""
   if config.latent_scale is not None:
     return float(config.latent_scale)
-  info = getattr(source, "info", {}) or {}
   return float(info.get("scaling_factor", DEFAULT_LATENT_SCALE))
 
 

@@ -16,6 +16,7 @@ Samplers take `model_fn(x, t) -> prediction` with `t` int32 `[b]`; wrap guidance
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -62,7 +63,7 @@ def ddim_previous_timesteps(timesteps: np.ndarray, num_train_timesteps: int = 10
 @dataclasses.dataclass(frozen=True)
 class DDIMConfig:
   """Static DDIM options. Defaults are Stable Diffusion's (diffusers' own class defaults are steps_offset=0,
-  set_alpha_to_one=True, clip_sample=True).
+  set_alpha_to_one=True, clip_sample=True, pixel-space settings).
 
   Attributes:
     timestep_spacing: "leading", "trailing" or "linspace".
@@ -80,18 +81,32 @@ class DDIMConfig:
 
   @classmethod
   def from_diffusers_scheduler_config(cls, config: Mapping[str, Any]) -> "DDIMConfig":
-    """Sampler options of a diffusers scheduler config dict; missing fields take diffusers' class defaults."""
+    """Sampler options of a diffusers scheduler config dict.
+
+    A missing ``clip_sample``, ``steps_offset`` or ``set_alpha_to_one`` takes Stable Diffusion's value (no clipping,
+    1, False; this class's defaults) and logs a warning naming the missing fields. diffusers' own class defaults
+    (clip x̂_0 to ±1, 0, True) are pixel-space DDPM settings: clipping would silently damage samples of the latent
+    models this package converts. Pixel-space models must say ``clip_sample=True``. A missing ``timestep_spacing``
+    is "leading" (SD's and diffusers' default alike).
+    """
     spacing = config.get("timestep_spacing", "leading")
     if spacing not in TIMESTEP_SPACINGS:
       raise ValueError(f"scheduler config field timestep_spacing={spacing!r} is not supported; "
                        f"expected one of {TIMESTEP_SPACINGS}")
     if config.get("thresholding"):
       raise ValueError(f"scheduler config field thresholding={config['thresholding']!r} is not supported")
-    clip = config.get("clip_sample", True)
+    sd = {"clip_sample": cls.clip_sample_range is not None, "steps_offset": cls.steps_offset,
+          "set_alpha_to_one": cls.set_alpha_to_one}
+    missing = [k for k in sd if k not in config]
+    if missing:
+      logging.warning("scheduler config has no %s: using Stable Diffusion's %s (diffusers' class defaults would "
+                      "clip x̂_0 to [-1, 1], wrong for latent models)", ", ".join(missing),
+                      ", ".join(f"{k}={sd[k]}" for k in missing))
+    clip = bool(config.get("clip_sample", sd["clip_sample"]))
     return cls(
         timestep_spacing=spacing,
-        steps_offset=int(config.get("steps_offset", 0)),
-        set_alpha_to_one=bool(config.get("set_alpha_to_one", True)),
+        steps_offset=int(config.get("steps_offset", sd["steps_offset"])),
+        set_alpha_to_one=bool(config.get("set_alpha_to_one", sd["set_alpha_to_one"])),
         clip_sample_range=float(config.get("clip_sample_range", 1.0)) if clip else None,
     )
 

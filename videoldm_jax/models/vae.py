@@ -138,6 +138,12 @@ def vae_config_from_diffusers(config: Mapping[str, Any]) -> VAEConfig:
 # ----------------------------------------------------------------------------------------------------------
 # Posterior.
 
+
+def to_uint8(images: jax.Array) -> jax.Array:
+  """Decoder output in [-1, 1] -> uint8 [0, 255], rounded to the nearest level (the one conversion used for
+  previews, samples and evaluation, so every path gives the same pixels)."""
+  return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
 @flax.struct.dataclass
 class DiagonalGaussian:
   """Diagonal Gaussian posterior from encoder moments ``[..., 2 * latent]`` (mean | logvar), computed in fp32.

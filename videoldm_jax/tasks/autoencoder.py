@@ -23,7 +23,9 @@ clipping. Before ``disc_start`` the discriminator's params are held fixed (its g
 are zero) and no adversarial work is executed (``lax.cond``).
 
 The evaluation loss of this stage is the mean absolute reconstruction error of the posterior mode on the fixed
-batch (deterministic, comparable across runs). The ``z_std`` metric is the std of the latents: an image LDM
+batch (deterministic, comparable across runs). ``eval_metrics`` adds, on the same held-out batch, the
+reconstruction PSNR and the PSNR of predicting every frame by the batch's mean frame: the baseline a useful
+autoencoder must clearly beat (a collapsed or GAN-disrupted decoder lands near or below it). The ``z_std`` metric is the std of the latents: an image LDM
 trained on this VAE should use ``scaling_factor = 1 / z_std`` (LDM's ``scale_by_std``).
 """
 
@@ -34,7 +36,7 @@ import functools
 import logging
 import os
 import re
-from typing import Any, Dict, NamedTuple, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import einops
 import flax.linen as nn
@@ -50,7 +52,7 @@ from videoldm_jax.models import discriminator as disc_lib
 from videoldm_jax.models import lpips as lpips_lib
 from videoldm_jax.models import vae as vae_lib
 from videoldm_jax.models.layers import conv
-from videoldm_jax.tasks.common import TaskDefaults
+from videoldm_jax.tasks.common import Task, sds
 from videoldm_jax.tasks.latent_diffusion import DTYPES, vae_config
 
 DISC = "discriminator"
@@ -62,6 +64,16 @@ def _get(tree, path):
   for k in path:
     tree = tree[k]
   return tree
+
+
+def psnr(x: jax.Array, y: jax.Array, peak_to_peak: float = 2.0) -> jax.Array:
+  """PSNR in dB of each image, ``10 log10(peak_to_peak^2 / mean_pixels (x - y)^2)``: ``[n, h, w, c]`` x2 -> ``[n]``.
+
+  Images in [-1, 1] with ``peak_to_peak = 2`` give the same numbers as [0, 255] images with 255 (both sides scale
+  alike); nothing is quantised. The MSE is floored at 1e-10 (100 dB at peak 1) so identical images stay finite.
+  """
+  mse = jnp.mean(jnp.square(x.astype(jnp.float32) - y.astype(jnp.float32)), axis=tuple(range(1, x.ndim)))
+  return 10.0 * jnp.log10(peak_to_peak ** 2 / jnp.maximum(mse, 1e-10 * peak_to_peak ** 2))
 
 
 _SHARED_ADAM = ("b1", "b2", "eps", "weight_decay")
@@ -146,8 +158,26 @@ def discriminator_config(config, in_channels: int = 3) -> disc_lib.Discriminator
 
 
 @tasks.register("autoencoder")
-class AutoencoderTask(TaskDefaults):
+class AutoencoderTask(Task):
   """KL-VAE on frames: L1 + LPIPS + KL, optional PatchGAN with adaptive weight (see module docstring)."""
+
+  free_form = ("autoencoder.discriminator", "autoencoder.disc_optimizer")
+
+  @classmethod
+  def config_defaults(cls, stage: str):
+    del stage
+    return {"autoencoder": dict(
+        kl_weight=1e-6,          # LDM KL-f8 values; losses are sums over pixels, means over the batch
+        perceptual_weight=1.0,   # LPIPS weight (0 in effect while lpips_vgg / lpips_lin are empty)
+        lpips="vgg16",           # LPIPSConfig preset
+        lpips_vgg="",            # torchvision vgg16 state dict (.pth / .safetensors), e.g. vgg16-397923af.pth
+        lpips_lin="",            # lpips package weights/v0.1/vgg.pth (linear heads)
+        disc_weight=0.5,         # 0: no discriminator at all
+        disc_start=50001,        # first step with the adversarial loss / discriminator updates
+        disc_loss="hinge",       # hinge | vanilla
+        discriminator={},        # DiscriminatorConfig overrides (ndf, n_layers, norm, ...)
+        disc_optimizer={},       # overrides of config.optimizer for the discriminator (lr, warmup_steps, ...)
+    )}
 
   def __init__(self, config):
     self.config = config
@@ -178,7 +208,8 @@ class AutoencoderTask(TaskDefaults):
       self.train_step = self.gan_train_step
 
   # ----- checks -------------------------------------------------------------------------------------------------
-  def validate(self, config) -> None:
+  @classmethod
+  def validate_config(cls, config) -> None:
     ac = config.autoencoder
     if config.data.source == data_pipeline.LATENTS:
       raise ValueError("config.data.source='latents': the autoencoder stage trains on pixels")
@@ -250,6 +281,12 @@ class AutoencoderTask(TaskDefaults):
     return next(iter(self._dataset(mesh, seed=int(self.config.data.seed) + 1_000_003, read_threads=1, prefetch=1,
                                    num_workers=0)))
 
+  def abstract_batch(self, batch_size: int, inputs: Optional[str] = None) -> Dict[str, Any]:
+    """``{"video": [b, t, h, w, 3]}`` float32: this stage trains on pixels whatever ``inputs`` prefers."""
+    del inputs
+    d = self.config.data
+    return {"video": sds((batch_size, d.num_frames, d.height, d.width, 3), jnp.float32)}
+
   # ----- model pieces -------------------------------------------------------------------------------------------
   def frames(self, batch) -> jax.Array:
     """``[b, t, h, w, 3]`` -> ``[(b t), h, w, 3]`` float32."""
@@ -311,6 +348,30 @@ class AutoencoderTask(TaskDefaults):
     x = self.frames(batch)
     x_rec, _, _ = self.reconstruct(params["vae"], x)
     return jnp.mean(jnp.abs(x - x_rec))
+
+  def eval_metrics(self, trainable, frozen, batch, rng) -> Dict[str, jax.Array]:
+    """Held-out reconstruction quality on the fixed batch (posterior mode, deterministic), scalars in dB.
+
+    ``eval_psnr``: mean over the batch's frames of the PSNR of the reconstruction, clipped to [-1, 1] as previews
+    and decoded samples are (:func:`psnr`, peak-to-peak 2 = the PSNR of [0, 255] images).
+    ``eval_psnr_mean_frame``: the same for predicting every frame by the batch's mean frame (per pixel), the
+    baseline to beat: it already gets the sky / road / grass layout right, so a decoder that has not learnt more
+    than that (or that a premature GAN turned into stripes) scores near or below it.
+    """
+    del rng
+    params = optim.merge({k: v for k, v in trainable.items() if k != DISC}, frozen)
+    x = self.frames(batch)
+    x_rec, _, _ = self.reconstruct(params["vae"], x)
+    mean_frame = jnp.broadcast_to(jnp.mean(x, axis=0, keepdims=True), x.shape)
+    return {"eval_psnr": jnp.mean(psnr(x, jnp.clip(x_rec, -1.0, 1.0))),
+            "eval_psnr_mean_frame": jnp.mean(psnr(x, mean_frame))}
+
+  def workdir_info(self, trainable, frozen, batch, rng) -> Dict[str, jax.Array]:
+    """``vae_scaling_factor``: 1 / the std of posterior samples of the fixed batch (LDM's ``scale_by_std``), the
+    latent scale every diffusion stage initialised from this workdir uses."""
+    params = optim.merge({k: v for k, v in trainable.items() if k != DISC}, frozen)
+    _, _, z = self.reconstruct(params["vae"], self.frames(batch), rng)
+    return {"vae_scaling_factor": 1.0 / jnp.std(z)}
 
   def gan_train_step(self, state: optim.TrainState, frozen, batch, rng):
     """One generator update and (from ``disc_start`` on) one discriminator update; metrics as the generic step
@@ -394,6 +455,5 @@ class AutoencoderTask(TaskDefaults):
     params = optim.merge({k: v for k, v in trainable.items() if k != DISC}, frozen)
     x = self.frames({"video": video})
     x_rec, _, _ = self.reconstruct(params["vae"], x)
-    pair = jnp.concatenate([x, jnp.clip(x_rec, -1.0, 1.0)], axis=2)
-    pair = einops.rearrange(pair, "(b t) h w c -> b t h w c", b=video.shape[0])
-    return jnp.clip((pair + 1.0) * 127.5, 0, 255).astype(jnp.uint8)
+    pair = jnp.concatenate([x, x_rec], axis=2)
+    return vae_lib.to_uint8(einops.rearrange(pair, "(b t) h w c -> b t h w c", b=video.shape[0]))

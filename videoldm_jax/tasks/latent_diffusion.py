@@ -18,11 +18,12 @@ repeated per frame. Classifier-free guidance: the pipeline drops labels (-> null
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import einops
 import flax.linen as nn
@@ -31,12 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from videoldm_jax import diffusion, optim, parallel, tasks
+from videoldm_jax import aot, checkpoint, config_lib, diffusion, optim, parallel, pipeline, tasks
 from videoldm_jax.data import pipeline as data_pipeline
 from videoldm_jax.models import clip as clip_lib
 from videoldm_jax.models import unet as unet_lib
 from videoldm_jax.models import vae as vae_lib
-from videoldm_jax.tasks.common import TaskDefaults
+from videoldm_jax.tasks.common import Task, sds
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -85,6 +86,28 @@ def text_config(config) -> Optional[clip_lib.CLIPTextConfig]:
   return _replace(preset(), config.model.text_overrides, "text_overrides")
 
 
+def source_vae_scale(path: str) -> Optional[float]:
+  """The latent scale of the VAE a ``model_init`` training workdir provides: what an ``autoencoder`` run measured
+  (its ``info.json``), or the scale another stage trained with (its ``config.json``). None for converted
+  checkpoints (their VAE preset carries its scale) and unfinished autoencoder runs."""
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(os.path.join(path, "checkpoints")) or not os.path.exists(config_path):
+    return None
+  with open(config_path) as fh:
+    source = json.load(fh)
+  if source.get("stage") == "autoencoder":
+    scale = checkpoint.read_info(path).get("vae_scaling_factor")
+    return None if scale is None else float(scale)
+  model = source.get("model") or {}
+  if not model.get("vae"):
+    return None
+  preset = getattr(vae_lib.VAEConfig, model["vae"], None)
+  overrides = model.get("vae_overrides") or {}
+  if "scaling_factor" in overrides:
+    return float(overrides["scaling_factor"])
+  return float(preset().scaling_factor) if callable(preset) else None
+
+
 class LabelEncoder(nn.Module):
   """One learned token per label field: ``{field: [b] int}`` -> ``[b, fields, dim]``; label < 0 = dropped (null)."""
   num_classes: Tuple[int, ...]
@@ -119,7 +142,7 @@ class Tokenize:
 # ---------------------------------------------------------------------------------------------------------------
 
 @tasks.register("image", "base")
-class LatentDiffusionTask(TaskDefaults):
+class LatentDiffusionTask(Task):
   """Image / key-frame video latent diffusion (see module docstring)."""
 
   # Batch fields the input pipeline hands to the step (subclasses add what their conditioning needs).
@@ -148,13 +171,29 @@ class LatentDiffusionTask(TaskDefaults):
     self._null_ids = None
     super().__init__(config)
 
-  # ----- checks -------------------------------------------------------------------------------------------------
+  # ----- declaration --------------------------------------------------------------------------------------------
+  @classmethod
+  def pipeline_order(cls, stage: str) -> Optional[int]:
+    return 0 if stage == "base" else None  # the key frames' first window; the image model is no pipeline stage
+
+  @classmethod
+  def config_defaults(cls, stage: str):
+    del stage
+    return {
+        "diffusion": dict(schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                          prediction="eps"),  # eps | v (conditioning dropout for CFG: config.data.cond_drop_prob)
+        "sampling": dict(num_steps=25, guidance_scale=5.0, eta=0.0),  # DDIM + classifier-free guidance
+    }
+
   @property
   def needs_model_init(self) -> bool:
     """The video stage trains temporal layers on a frozen image backbone that must come from somewhere."""
     return self.video
 
-  def validate(self, config) -> None:
+  @classmethod
+  def validate_config(cls, config) -> None:
+    config_lib.check_choices(config, {"diffusion.prediction": ("eps", "v"),
+                                      "diffusion.schedule": ("linear", "scaled_linear")})
     if config.stage == "image":
       if config.model.temporal is not None:
         raise ValueError("config.model.temporal must be None for the image stage (plain image U-Net)")
@@ -172,30 +211,60 @@ class LatentDiffusionTask(TaskDefaults):
                          f"config.model.label_classes {tuple(config.model.label_classes)} differ in length")
     if config.model.conditioning == "text" and not config.model.text_encoder:
       raise ValueError("config.model.text_encoder is empty but config.model.conditioning='text'")
-    f = self.vae_config.downsample_factor * 2 ** (self.unet_config.num_levels - 1)
+    vc, uc = vae_config(config), unet_config(config)
+    f = vc.downsample_factor * 2 ** (uc.num_levels - 1)
     if config.data.source != data_pipeline.LATENTS:
       for key in ("height", "width"):
         if int(config.data[key]) % f:
           raise ValueError(f"config.data.{key}={config.data[key]} must be a multiple of {f} (VAE factor x U-Net "
                            "downsampling)")
     if config.model_init:
-      self._check_converted(config)
+      cls._check_prediction_type(config)
     if config.data.source == data_pipeline.LATENTS and config.data.data_dir:
       info_path = os.path.join(config.data.data_dir, data_pipeline.LATENT_INFO_FILE)
       if os.path.exists(info_path):
-        stored = json.load(open(info_path)).get("num_frames")
+        with open(info_path) as fh:
+          info = json.load(fh)
+        stored = info.get("num_frames")
         if stored is not None and int(stored) < int(config.data.num_frames):
           raise ValueError(f"config.data.num_frames={config.data.num_frames} exceeds the {stored} frames per clip "
                            f"stored in {config.data.data_dir}")
+        scale = data_pipeline.latent_scale_from_info(config.data, info)
+        if abs(scale - vc.scaling_factor) > 1e-6 * max(1.0, abs(scale)):
+          raise ValueError(f"the latents in config.data.data_dir={config.data.data_dir!r} are scaled by {scale} "
+                           f"(config.data.latent_scale or its {data_pipeline.LATENT_INFO_FILE}) but the model's "
+                           f"VAE decodes with scaling_factor {vc.scaling_factor} (config.model.vae_overrides)")
+
+  @classmethod
+  def resolve_config(cls, config):
+    """The VAE latent scale of the ``model_init`` source (``source_vae_scale``) when it provides one; an explicit
+    ``config.model.vae_overrides.scaling_factor`` that disagrees with it is refused, naming both."""
+    scale = source_vae_scale(config.model_init) if config.model_init else None
+    if scale is None:
+      return config
+    explicit = dict(config.model.vae_overrides).get("scaling_factor")
+    if explicit is not None:
+      if abs(float(explicit) - scale) > 1e-6 * scale:
+        raise ValueError(f"config.model.vae_overrides.scaling_factor={explicit} but the VAE of config.model_init "
+                         f"{config.model_init!r} has latent scale {scale}")
+      return config
+    config = copy.deepcopy(config)
+    config.model.vae_overrides = dict(config.model.vae_overrides, scaling_factor=scale)
+    return config
 
   @staticmethod
-  def _check_converted(config) -> None:
-    """A converted SD checkpoint records its prediction type: training another target would silently fail."""
+  def _check_prediction_type(config) -> None:
+    """The model_init source (converted checkpoint or trained workdir) records its prediction type: training
+    another target on top of it would silently fail."""
     path = os.path.join(config.model_init, "config.json")
-    if not os.path.exists(path) or os.path.exists(os.path.join(config.model_init, "checkpoints")):
+    if not os.path.exists(path):
       return
-    schedule = json.load(open(path)).get("schedule", {})
-    kind = schedule.get("prediction_type")
+    with open(path) as fh:
+      source = json.load(fh)
+    if os.path.exists(os.path.join(config.model_init, "checkpoints")):  # a training workdir
+      kind = (source.get("diffusion") or {}).get("prediction")  # an autoencoder workdir has no diffusion
+    else:  # videoldm_jax.convert output
+      kind = (source.get("schedule") or {}).get("prediction_type")
     if kind and diffusion.canonical_prediction_type(kind) != config.diffusion.prediction:
       raise ValueError(f"config.diffusion.prediction={config.diffusion.prediction!r} but config.model_init "
                        f"{config.model_init!r} was trained with {kind!r}")
@@ -241,6 +310,28 @@ class LatentDiffusionTask(TaskDefaults):
     cfg = self._data_config(seed=int(self.config.data.seed) + 1_000_003, cond_drop_prob=0.0, read_threads=1,
                             prefetch=1, num_workers=0)
     return next(iter(self._dataset(mesh, cfg)))
+
+  def abstract_batch(self, batch_size: int, inputs: Optional[str] = None) -> Dict[str, Any]:
+    """``latents`` ``[b, t, h/f, w/f, c]`` (``inputs="latents"``, pre-encoded) or ``video`` ``[b, t, h, w, 3]``
+    (``"pixels"``; default: as ``config.data.source``), ``caption_ids`` ``[b, 77]`` / ``labels`` ``{field: [b]}``,
+    ``cond_mask`` ``[b]``."""
+    if inputs is None:
+      inputs = "latents" if self.config.data.source == data_pipeline.LATENTS else "pixels"
+    b, t = int(batch_size), int(self.config.data.num_frames)
+    h, w = int(self.config.data.height), int(self.config.data.width)
+    if inputs == "latents":
+      f = self.vae_config.downsample_factor
+      batch = {"latents": sds((b, t, h // f, w // f, self.vae_config.latent_channels), jnp.float32)}
+    elif inputs == "pixels":
+      batch = {"video": sds((b, t, h, w, 3), jnp.float32)}
+    else:
+      raise ValueError(f"inputs={inputs!r}: expected 'latents' or 'pixels'")
+    if self.text_encoder is not None:
+      batch["caption_ids"] = sds((b, 77), jnp.int32)
+    if self.label_encoder is not None:
+      batch["labels"] = {k: sds((b,), jnp.int32) for k in self.label_encoder.fields}
+    batch["cond_mask"] = sds((b,), jnp.float32)
+    return batch
 
   # ----- model pieces -------------------------------------------------------------------------------------------
   def context(self, params, batch) -> jax.Array:
@@ -316,8 +407,25 @@ class LatentDiffusionTask(TaskDefaults):
     n = z.shape[0]
     frames = einops.rearrange(z, "b t h w c -> (b t) h w c") / self.vae_config.scaling_factor
     images = self.vae.apply({"params": params["vae"]}, frames.astype(self.dtype), method="decode")
-    images = jnp.clip((images.astype(jnp.float32) + 1.0) * 127.5, 0, 255).astype(jnp.uint8)
-    return einops.rearrange(images, "(b t) h w c -> b t h w c", b=n)
+    return einops.rearrange(vae_lib.to_uint8(images), "(b t) h w c -> b t h w c", b=n)
+
+  def latent_shape(self) -> Tuple[int, int, int]:
+    """``(h, w, c)`` of one frame's latents at the configured frame size."""
+    f = self.vae_config.downsample_factor
+    return (int(self.config.data.height) // f, int(self.config.data.width) // f, self.vae_config.latent_channels)
+
+  def latent_decoder(self, trainable, frozen) -> Callable:
+    """Jitted ``latents [b, n, h, w, c] -> uint8 [b, n, H, W, 3]`` with this stage's frozen VAE."""
+    fn = jax.jit(self.decode_latents, compiler_options=aot.compiler_options(self.config))
+    return functools.partial(fn, optim.merge(trainable, frozen))
+
+  def pipeline_step(self, trainable, frozen) -> pipeline.Step:
+    """Key frames: one window of this model (``config.sampling`` guidance and steps) for each video's
+    conditioning."""
+    fn = jax.jit(lambda p, f, b, r: self.sample_latents(optim.merge(p, f), b, r),
+                 compiler_options=aot.compiler_options(self.config))
+    return pipeline.FirstWindow(self.config.stage, functools.partial(fn, trainable, frozen),
+                                self.latent_decoder(trainable, frozen), fps=float(self.config.data.fps))
 
   def sample_latents(self, params, batch, rng) -> jax.Array:
     """DDIM + classifier-free guidance: latents ``[n, t, h, w, c]`` for the first ``config.sampling.num_samples``

@@ -31,20 +31,22 @@ training) and exactly at the end; context guidance ``f(∅) + s (f(c_S) - f(∅)
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from videoldm_jax import diffusion, optim, tasks
+from videoldm_jax import aot, diffusion, optim, pipeline, tasks
+from videoldm_jax.tasks.common import sds
 from videoldm_jax.tasks.latent_diffusion import LatentDiffusionTask
 
 PREDICTOR, INTERPOLATOR = "predictor", "interpolator"
 
 
-def validate_config(config) -> None:
-  """Static checks of the mask settings (also run by ``configs.common.validate``); ``ValueError`` names the key."""
+def _validate_masked(config) -> None:
+  """Static checks of the mask settings; ``ValueError`` names the key."""
   m = config.masked
   temporal = dict(config.model.temporal or {})
   if not temporal.get("mask_conditioning"):
@@ -94,10 +96,36 @@ class MaskedTask(LatentDiffusionTask):
     self.interpolator = config.stage == INTERPOLATOR
     super().__init__(config)
 
-  # ----- checks -------------------------------------------------------------------------------------------------
-  def validate(self, config) -> None:
-    super().validate(config)
-    validate_config(config)
+  # ----- declaration --------------------------------------------------------------------------------------------
+  @classmethod
+  def config_defaults(cls, stage: str):
+    out = super().config_defaults(stage)
+    out["sampling"] = dict(out["sampling"], context_guidance=1.0)  # f(∅) + s (f(c_S) - f(∅))
+    out["masked"] = dict(
+        context_probs=(0.1, 0.3, 0.6),  # predictor: P(S = 0, 1, 2 first frames known); S = 0 is the uncond. branch
+        num_context=2,           # predictor: known frames at sampling / in the rollout (the last generated ones)
+        stride=4,                # interpolator: a key frame every `stride` frames (3 new frames between two keys)
+        regime_fps=(7.5, 30.0),  # interpolator: clip fps of regime 0 (T->4T) and 1 (4T->16T); data.fps draws these
+        uncond_prob=0.1,         # interpolator: P(all-zero mask), the unconditional branch for context guidance
+        cond_aug_prob=0.5,       # conditioning augmentation: P(known frames are noised) ...
+        cond_aug_max_level=250,  # ... to a level ~ U{1..this} (diffusion timesteps; the level is an input)
+        sample_noise_level=0,    # conditioning-augmentation level given at sampling
+        loss_on_known=False,     # False: the loss covers only the frames to predict
+    )
+    return out
+
+  @classmethod
+  def validate_config(cls, config) -> None:
+    super().validate_config(config)
+    _validate_masked(config)
+
+  @classmethod
+  def pipeline_order(cls, stage: str) -> int:
+    return 2 if stage == INTERPOLATOR else 1  # after the key frames: extend them (predictor), then interpolate
+
+  def abstract_batch(self, batch_size: int, inputs: Optional[str] = None) -> Dict[str, Any]:
+    """The key-frame batch plus ``fps`` ``[b]`` (the interpolator's regime; carried by the predictor too)."""
+    return dict(super().abstract_batch(batch_size, inputs), fps=sds((batch_size,), jnp.float32))
 
   # ----- conditioning -------------------------------------------------------------------------------------------
   @property
@@ -172,6 +200,22 @@ class MaskedTask(LatentDiffusionTask):
     weight = jnp.ones_like(mask) if self.config.masked.loss_on_known else 1.0 - mask
     loss = jnp.sum(weight * err) / jnp.maximum(jnp.sum(weight), 1.0)
     return loss, dict(self.aux_metrics(trainable), known_frames=jnp.mean(jnp.sum(mask, axis=1)))
+
+  # ----- long-video pipeline ------------------------------------------------------------------------------------
+  def pipeline_step(self, trainable, frozen) -> pipeline.Step:
+    """Predictor: the key frames extended window by window (``pipeline.Rollout``); interpolator: ``stride``x
+    more frames per pass, one pass per regime (``pipeline.Interpolation``)."""
+    copts = aot.compiler_options(self.config)
+    if self.interpolator:
+      window = pipeline.interpolator_step(self, copts)
+      return pipeline.Interpolation(self.config.stage, functools.partial(window, trainable, frozen),
+                                    stride=int(self.config.masked.stride), window_keys=len(self.key_positions),
+                                    num_regimes=int(self.unet_config.temporal.num_regimes))
+    window = pipeline.predictor_step(self, compiler_options=copts)
+    return pipeline.Rollout(self.config.stage, functools.partial(window, trainable, frozen),
+                            self.latent_decoder(trainable, frozen), window=self.num_frames,
+                            num_context=int(self.config.masked.num_context), fps=float(self.config.data.fps),
+                            latent_shape=self.latent_shape())
 
   # ----- sampling -----------------------------------------------------------------------------------------------
   def guided_model_fn(self, params, batch, z_known, mask, *, regime=None, level=None,

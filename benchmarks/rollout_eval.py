@@ -15,26 +15,29 @@ on held-out ground-truth clips (the stage's fixed batch, latents from the frozen
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from configs import rds
 from videoldm_jax import optim, parallel, pipeline, train, workdirs
 
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "/tmp/rollout_eval", "predictor workdir (trained here unless it has a config.json)")
+flags.DEFINE_string("model_init", "", "init of a new predictor, e.g. a runlocal chain's base workdir")
+flags.DEFINE_integer("steps", 60, "training steps of a new predictor")
+flags.DEFINE_integer("windows", 10, "rollout windows")
+flags.DEFINE_string("scales", "1,2", "comma-separated context guidance scales")
 
-def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--workdir", default="/tmp/rollout_eval")
-  p.add_argument("--model_init", default="")
-  p.add_argument("--steps", type=int, default=60)
-  p.add_argument("--windows", type=int, default=10)
-  p.add_argument("--scales", default="1,2")
-  args = p.parse_args()
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
   parallel.make_mesh = functools.partial(parallel.make_mesh, devices=jax.devices()[:1])
 
   if os.path.exists(os.path.join(args.workdir, "config.json")):  # a trained predictor, e.g. a chain's
@@ -80,4 +83,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -20,21 +20,32 @@ Cases:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ of this checkout
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from configs import rds, webvid  # noqa: E402
 from videoldm_jax import optim, parallel, tasks  # noqa: E402
 from videoldm_jax.data import pipeline as data_pipeline  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "cpu: cases runlocal,mid; gpu: case sd15_latents in bfloat16")
+flags.DEFINE_string("cases", "", "comma-separated cases (overrides --device's default cases)")
+flags.DEFINE_integer("batch", 0, "clips per step (0: the case's default)")
+flags.DEFINE_string("dtype", "", "float32 | bfloat16 (default: the case's)")
+flags.DEFINE_bool("remat", False, "rematerialise U-Net blocks (less memory, more flops)")
+flags.DEFINE_bool("tiny", False, "sd15_latents with the tiny text U-Net (checks the code path)")
+flags.DEFINE_integer("steps", 10, "timed steps")
+flags.DEFINE_integer("warmup", 2, "untimed steps before them")
+flags.DEFINE_float("peak_tflops", 0.0, "per-device peak for MFU (default: by device kind)")
 
 # Dense bf16 peak of one device (TFLOP/s), by substring of ``device.device_kind``.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "v5p": 459.0, "v5 lite": 197.0,
@@ -160,19 +171,10 @@ def print_table(results) -> None:
     print(f"{label:{width}}  " + "  ".join(f"{fmt(r):>16}" for r in results))
 
 
-def main(argv: Optional[list] = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                 help="cpu: cases runlocal,mid; gpu: case sd15_latents in bfloat16")
-  p.add_argument("--cases", default="", help="comma-separated cases (overrides --device's default cases)")
-  p.add_argument("--batch", type=int, default=0, help="clips per step (0: the case's default)")
-  p.add_argument("--dtype", default="", help="float32 | bfloat16 (default: the case's)")
-  p.add_argument("--remat", action="store_true", help="rematerialise U-Net blocks (less memory, more flops)")
-  p.add_argument("--tiny", action="store_true", help="sd15_latents with the tiny text U-Net (checks the code path)")
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak for MFU (default: by device kind)")
-  args = p.parse_args(argv)
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
   if args.device == "gpu" and jax.default_backend() != "gpu":
     raise SystemExit(f"--device=gpu but JAX's backend is {jax.default_backend()!r} (install jax[cuda12])")
   cases = args.cases.split(",") if args.cases else (["sd15_latents"] if args.device == "gpu" else ["runlocal", "mid"])
@@ -190,4 +192,4 @@ def main(argv: Optional[list] = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -5,13 +5,12 @@ warmed up, then timed as the median of ``--runs`` calls. Prints both times and t
 max-abs difference of the outputs as a sanity check.
 
   python benchmarks/unet_forward.py                                  # SD 1.5, CPU fp32, batch 1 and 2, 64x64
-  python benchmarks/unet_forward.py --batch 1 --runs 3
+  python benchmarks/unet_forward.py --batch=1 --runs=3
   python benchmarks/unet_forward.py --device=gpu --dtype=bfloat16    # CUDA: torch SDPA vs XLA
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
@@ -24,12 +23,24 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from videoldm_jax.conversion.core import DictSource  # noqa: E402
 from videoldm_jax.conversion.unet import convert_unet  # noqa: E402
 from videoldm_jax.models import unet as unet_lib  # noqa: E402
 
 PRESETS = {"sd15": unet_lib.sd15, "sd21": unet_lib.sd21}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("config", "sd15", sorted(PRESETS), "U-Net preset")
+flags.DEFINE_list("batch", ["1", "2"], "batch sizes (comma-separated)")
+flags.DEFINE_integer("size", 64, "latent height = width")
+flags.DEFINE_integer("tokens", 77, "text tokens (cross-attention context length)")
+flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "device of both models")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "params and activations dtype")
+flags.DEFINE_string("attention", None, "jax.nn.dot_product_attention implementation (xla, cudnn)")
+flags.DEFINE_integer("warmup", 1, "untimed calls per batch size")
+flags.DEFINE_integer("runs", 3, "timed calls per batch size (the median is reported)")
 
 
 def _diffusers_kwargs(config: unet_lib.UNetConfig) -> dict:
@@ -67,19 +78,8 @@ def _median_seconds(fn, warmup: int, runs: int) -> float:
   return statistics.median(times)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="sd15", choices=sorted(PRESETS))
-  parser.add_argument("--batch", type=int, nargs="+", default=[1, 2])
-  parser.add_argument("--size", type=int, default=64, help="latent height = width")
-  parser.add_argument("--tokens", type=int, default=77)
-  parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--attention", default=None, help="jax.nn.dot_product_attention implementation (xla, cudnn)")
-  parser.add_argument("--warmup", type=int, default=1)
-  parser.add_argument("--runs", type=int, default=3)
-  args = parser.parse_args(argv)
-
+def benchmark(args):
+  """Times both models for the flags ``args``; returns (batch, ours s, torch s, max |diff|) per batch size."""
   torch_device = "cuda" if args.device == "gpu" else "cpu"
   if torch_device == "cuda" and not torch.cuda.is_available():
     raise SystemExit("--device=gpu: torch has no CUDA device here")
@@ -95,7 +95,7 @@ def main(argv=None):
   gen = torch.Generator().manual_seed(1)
   inputs = {b: (torch.randn(b, config.in_channels, args.size, args.size, generator=gen),
                 torch.rand(b, generator=gen) * 1000, torch.randn(b, args.tokens, config.cross_attention_dim,
-                                                                 generator=gen)) for b in args.batch}
+                                                                 generator=gen)) for b in map(int, args.batch)}
 
   # PyTorch first; its outputs are kept for the sanity check and the model is freed before ours runs.
   params = convert_unet(DictSource(model.state_dict()), config)
@@ -146,5 +146,11 @@ def main(argv=None):
   return rows
 
 
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  benchmark(FLAGS)
+
+
 if __name__ == "__main__":
-  main()
+  app.run(main)

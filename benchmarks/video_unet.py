@@ -11,30 +11,30 @@ against each other first.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
 
 import numpy as np
+from absl import app, flags
+
+# JAX is imported in main, after --device picked its platform.
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "device of both models")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "params and activations dtype")
+flags.DEFINE_string("attention", None, "jax.nn.dot_product_attention implementation (e.g. cudnn)")
+flags.DEFINE_integer("batch", 1, "clips per step")
+flags.DEFINE_integer("frames", 8, "frames per clip")
+flags.DEFINE_integer("size", 32, "latent height = width")
+flags.DEFINE_string("channels", "64,128,256", "block_out_channels (multiples of 64: 64-dim heads)")
+flags.DEFINE_integer("steps", 3, "timed steps (after one warm-up step)")
 
 
-def _parse():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  p.add_argument("--attention", default=None, help="jax.nn.dot_product_attention implementation (e.g. cudnn)")
-  p.add_argument("--batch", type=int, default=1, help="clips per step")
-  p.add_argument("--frames", type=int, default=8)
-  p.add_argument("--size", type=int, default=32, help="latent height = width")
-  p.add_argument("--channels", default="64,128,256", help="block_out_channels (multiples of 64: 64-dim heads)")
-  p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
-  return p.parse_args()
-
-
-def main():
-  args = _parse()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
   if args.device == "cpu":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.modules.setdefault("torchvision", None)  # a mismatched torchvision breaks diffusers' imports; it is not needed
@@ -141,4 +141,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -18,18 +18,18 @@ encodes shards ``p, p + P, ...``. Training reads the folder with ``config.data.s
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
 import os
-import sys
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
+from absl import app, flags
 
 from data_pipelines import common
+from videoldm_jax import cli
 from videoldm_jax.data import pipeline as pipeline_lib
 from videoldm_jax.data import records as records_lib
 from videoldm_jax.data import synthetic
@@ -269,51 +269,59 @@ def load_vae(spec: str, dtype: str = "float32"):
 # ----------------------------------------------------------------------------------------------------------
 # CLI.
 
-def main(argv: Optional[List[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m data_pipelines.encode_latents", description=__doc__.split("\n")[0])
-  parser.add_argument("--vae", required=True, help="converted checkpoint dir (videoldm_jax.convert) or random:tiny")
-  parser.add_argument("--vae_dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--source", required=True, help="'synthetic' or a prepared TFDS dataset, e.g. video_folder/rds")
-  parser.add_argument("--data_dir", default="", help="TFDS data_dir of --source")
-  parser.add_argument("--splits", default="train", help="comma-separated splits of --source")
-  parser.add_argument("--output", required=True, help="output folder (resumable)")
-  parser.add_argument("--height", type=int, required=True, help="frame crop height (multiple of 8)")
-  parser.add_argument("--width", type=int, required=True, help="frame crop width (multiple of 8)")
-  parser.add_argument("--fps", type=float, default=None, help="resample to this rate (default: as stored)")
-  parser.add_argument("--max_frames", type=int, default=None, help="encode at most this many frames per video")
-  parser.add_argument("--frames_per_batch", type=int, default=32, help="frames per encoder call (all devices)")
-  parser.add_argument("--records_per_shard", type=int, default=256)
-  parser.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored moments dtype")
-  parser.add_argument("--num_examples", type=int, default=1000, help="synthetic: number of scenes")
-  parser.add_argument("--num_frames", type=int, default=16, help="synthetic: frames per scene")
-  parser.add_argument("--seed", type=int, default=0, help="synthetic: scene seed")
-  args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags, defined in ``fv`` (the global FLAGS when run as a program)."""
+  flags.DEFINE_string("vae", None, "converted checkpoint dir (videoldm_jax.convert) or random:tiny", flag_values=fv)
+  flags.DEFINE_enum("vae_dtype", "float32", ["float32", "bfloat16"], "VAE compute dtype", flag_values=fv)
+  flags.DEFINE_string("source", None, "'synthetic' or a prepared TFDS dataset, e.g. video_folder/rds", flag_values=fv)
+  flags.DEFINE_string("data_dir", "", "TFDS data_dir of --source", flag_values=fv)
+  flags.DEFINE_string("splits", "train", "comma-separated splits of --source", flag_values=fv)
+  flags.DEFINE_string("output", None, "output folder (resumable)", flag_values=fv)
+  flags.DEFINE_integer("height", None, "frame crop height (multiple of 8)", flag_values=fv)
+  flags.DEFINE_integer("width", None, "frame crop width (multiple of 8)", flag_values=fv)
+  flags.DEFINE_float("fps", None, "resample to this rate (default: as stored)", flag_values=fv)
+  flags.DEFINE_integer("max_frames", None, "encode at most this many frames per video", flag_values=fv)
+  flags.DEFINE_integer("frames_per_batch", 32, "frames per encoder call (all devices)", flag_values=fv)
+  flags.DEFINE_integer("records_per_shard", 256, "examples per output shard", flag_values=fv)
+  flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "stored moments dtype", flag_values=fv)
+  flags.DEFINE_integer("num_examples", 1000, "synthetic: number of scenes", flag_values=fv)
+  flags.DEFINE_integer("num_frames", 16, "synthetic: frames per scene", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "synthetic: scene seed", flag_values=fv)
+
+
+def run(fv: flags.FlagValues) -> int:
+  """Runs the command with parsed flags; bad input raises ``app.UsageError`` naming the flag."""
+  cli.require(fv, "vae", "source", "output", "height", "width")
+  if fv.height % 8 or fv.width % 8:
+    raise app.UsageError("--height and --width must be multiples of 8")
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
   import jax  # pylint: disable=g-import-not-at-top
-  if args.height % 8 or args.width % 8:
-    print("error: --height and --width must be multiples of 8", file=sys.stderr)
-    return 2
-  apply_fn, params, scale = load_vae(args.vae, args.vae_dtype)
+  apply_fn, params, scale = load_vae(fv.vae, fv.vae_dtype)
   encode_fn = make_sharded_encode_fn(apply_fn, params)
   ndev = jax.local_device_count()
-  frames_per_batch = max(ndev, args.frames_per_batch // ndev * ndev)
-  info = {"scaling_factor": scale, "vae": args.vae, "source": args.source, "data_dir": args.data_dir,
-          "height": args.height, "width": args.width, "fps": args.fps}
-  for split in [s for s in args.splits.split(",") if s]:
-    if args.source == pipeline_lib.SYNTHETIC:
-      source = SyntheticFrames(args.num_examples, args.num_frames, args.fps or 7.5, args.height, args.width,
-                               seed=args.seed if split == "train" else args.seed + 1)
+  frames_per_batch = max(ndev, fv.frames_per_batch // ndev * ndev)
+  info = {"scaling_factor": scale, "vae": fv.vae, "source": fv.source, "data_dir": fv.data_dir,
+          "height": fv.height, "width": fv.width, "fps": fv.fps}
+  for split in [s for s in fv.splits.split(",") if s]:
+    if fv.source == pipeline_lib.SYNTHETIC:
+      source = SyntheticFrames(fv.num_examples, fv.num_frames, fv.fps or 7.5, fv.height, fv.width,
+                               seed=fv.seed if split == "train" else fv.seed + 1)
     else:
-      source = TfdsFrames(args.source, args.data_dir, split, args.height, args.width, args.fps, args.max_frames)
-    summary = encode_split(source, encode_fn, args.output, split=split, records_per_shard=args.records_per_shard,
-                           frames_per_batch=frames_per_batch, dtype=args.dtype, process_index=jax.process_index(),
+      source = TfdsFrames(fv.source, fv.data_dir, split, fv.height, fv.width, fv.fps, fv.max_frames)
+    summary = encode_split(source, encode_fn, fv.output, split=split, records_per_shard=fv.records_per_shard,
+                           frames_per_batch=frames_per_batch, dtype=fv.dtype, process_index=jax.process_index(),
                            process_count=jax.process_count(), info=info, progress=jax.process_index() == 0)
     print(f"{split}: wrote {summary['shards_written']} shard(s), {summary['records']} records; "
           f"{summary['shards_skipped']} finished shard(s) kept; skipped {summary['skipped'] or 'none'}")
-  print(f"latents in {os.path.abspath(args.output)} (config.data.source='latents', data_dir=that folder)")
+  print(f"latents in {os.path.abspath(fv.output)} (config.data.source='latents', data_dir=that folder)")
   return 0
 
 
+def main(argv: Sequence[str]) -> int:
+  """The command with ``argv`` (its flags, as on the command line)."""
+  return cli.main("data_pipelines.encode_latents", define_flags, run, argv)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_program(define_flags, run)

@@ -14,17 +14,18 @@ kept in ``dataset_info`` metadata; the command fails (exit 2) when no input is u
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import Optional, Sequence
 
 import tensorflow_datasets as tfds
+from absl import app, flags
 
 from data_pipelines import common
 from data_pipelines.video_folder import VideoFolder, VideoFolderConfig
 from data_pipelines.webvid import Webvid, WebvidConfig
+from videoldm_jax import cli
 
 BUILDERS = {"video_folder": (VideoFolder, VideoFolderConfig), "webvid": (Webvid, WebvidConfig)}
 
@@ -48,42 +49,52 @@ def _optional_float(text: str) -> Optional[float]:
   return None if text.lower() in ("", "none", "0") else float(text)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m data_pipelines.prepare", description=__doc__.split("\n")[0])
-  parser.add_argument("--builder", required=True, choices=sorted(BUILDERS))
-  parser.add_argument("--source", required=True, help="video folder (video_folder) or CSV file / folder (webvid)")
-  parser.add_argument("--data_dir", required=True, help="TFDS data directory to write to")
-  parser.add_argument("--name", default="default", help="config name: the dataset is <builder>/<name>")
-  parser.add_argument("--short_side", type=int, default=256, help="stored frames: short side in pixels")
-  parser.add_argument("--max_fps", type=float, default=30.0, help="stored frame rate cap (source fps if lower)")
-  parser.add_argument("--min_seconds", type=float, default=1.0, help="shorter videos are skipped")
-  parser.add_argument("--max_seconds", type=_optional_float, default=60.0, help="keep at most this much per video")
-  parser.add_argument("--clip_seconds", type=_optional_float, default=None,
-                      help="split videos into examples of this length (default: one example per video)")
-  parser.add_argument("--val_fraction", type=float, default=0.05, help="stable-hash fraction for 'validation'")
-  parser.add_argument("--max_examples", type=int, default=None, help="use at most this many source videos")
-  parser.add_argument("--jpeg_quality", type=int, default=90)
-  parser.add_argument("--num_workers", type=int, default=0, help="decode in this many processes")
-  parser.add_argument("--label_fields", default="", help="video_folder: e.g. 'day_night=day|night,crowdedness'")
-  parser.add_argument("--labels_file", default=None, help="video_folder: labels.json / .csv (default: in SOURCE)")
-  parser.add_argument("--file_column", default="file", help="video_folder: file column of a labels CSV")
-  parser.add_argument("--video_root", default=None, help="webvid: folder holding <page_dir>/<videoid>.mp4")
-  parser.add_argument("--overwrite", action="store_true", help="rebuild even if the dataset exists")
-  args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags, defined in ``fv`` (the global FLAGS when run as a program)."""
+  flags.DEFINE_enum("builder", None, sorted(BUILDERS), "dataset builder", flag_values=fv)
+  flags.DEFINE_string("source", None, "video folder (video_folder) or CSV file / folder (webvid)", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "TFDS data directory to write to", flag_values=fv)
+  flags.DEFINE_string("name", "default", "config name: the dataset is <builder>/<name>", flag_values=fv)
+  flags.DEFINE_integer("short_side", 256, "stored frames: short side in pixels", flag_values=fv)
+  flags.DEFINE_float("max_fps", 30.0, "stored frame rate cap (source fps if lower)", flag_values=fv)
+  flags.DEFINE_float("min_seconds", 1.0, "shorter videos are skipped", flag_values=fv)
+  # Strings, so that "", "none" or "0" can mean no limit (parsed in ``run``).
+  flags.DEFINE_string("max_seconds", "60", "keep at most this much per video", flag_values=fv)
+  flags.DEFINE_string("clip_seconds", None,
+                      "split videos into examples of this length (default: one example per video)", flag_values=fv)
+  flags.DEFINE_float("val_fraction", 0.05, "stable-hash fraction for 'validation'", flag_values=fv)
+  flags.DEFINE_integer("max_examples", None, "use at most this many source videos", flag_values=fv)
+  flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the stored frames", flag_values=fv)
+  flags.DEFINE_integer("num_workers", 0, "decode in this many processes", flag_values=fv)
+  flags.DEFINE_string("label_fields", "", "video_folder: e.g. 'day_night=day|night,crowdedness'", flag_values=fv)
+  flags.DEFINE_string("labels_file", None, "video_folder: labels.json / .csv (default: in SOURCE)", flag_values=fv)
+  flags.DEFINE_string("file_column", "file", "video_folder: file column of a labels CSV", flag_values=fv)
+  flags.DEFINE_string("video_root", None, "webvid: folder holding <page_dir>/<videoid>.mp4", flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "rebuild even if the dataset exists", flag_values=fv)
+
+
+def run(fv: flags.FlagValues) -> int:
+  """Runs the command with parsed flags; 2 (with the reasons on stderr) when no input is usable."""
+  cli.require(fv, "builder", "source", "data_dir")
+  seconds = {}
+  for name in ("max_seconds", "clip_seconds"):
+    try:
+      seconds[name] = _optional_float(fv[name].value or "")
+    except ValueError:
+      raise app.UsageError(f"--{name}={fv[name].value!r}: expected seconds, or none") from None
 
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   tfds.disable_progress_bar()  # our own tqdm bars count videos
-  options = dict(short_side=args.short_side, max_fps=args.max_fps, min_seconds=args.min_seconds,
-                 max_seconds=args.max_seconds, clip_seconds=args.clip_seconds, val_fraction=args.val_fraction,
-                 max_examples=args.max_examples, jpeg_quality=args.jpeg_quality, num_workers=args.num_workers,
-                 progress=True)
-  if args.builder == "video_folder":
-    options.update(label_fields=tuple(s for s in args.label_fields.split(",") if s.strip()),
-                   labels_file=args.labels_file, file_column=args.file_column)
+  options = dict(short_side=fv.short_side, max_fps=fv.max_fps, min_seconds=fv.min_seconds,
+                 val_fraction=fv.val_fraction, max_examples=fv.max_examples, jpeg_quality=fv.jpeg_quality,
+                 num_workers=fv.num_workers, progress=True, **seconds)
+  if fv.builder == "video_folder":
+    options.update(label_fields=tuple(s for s in fv.label_fields.split(",") if s.strip()),
+                   labels_file=fv.labels_file, file_column=fv.file_column)
   else:
-    options.update(video_root=args.video_root)
+    options.update(video_root=fv.video_root)
   try:
-    b = build(args.builder, args.source, args.data_dir, args.name, overwrite=args.overwrite, **options)
+    b = build(fv.builder, fv.source, fv.data_dir, fv.name, overwrite=fv.overwrite, **options)
   except (common.NoUsableVideosError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -91,9 +102,14 @@ def main(argv: Optional[List[str]] = None) -> int:
   skipped = (b.info.metadata or {}).get("skipped", {})
   print(f"wrote {b.data_dir}: {splits} examples from {(b.info.metadata or {}).get('num_videos', '?')} videos")
   print(f"skipped: {skipped if skipped else 'none'}")
-  print(f"read with: tfds.data_source('{args.builder}/{args.name}', data_dir='{args.data_dir}')")
+  print(f"read with: tfds.data_source('{fv.builder}/{fv.name}', data_dir='{fv.data_dir}')")
   return 0
 
 
+def main(argv: Sequence[str]) -> int:
+  """The command with ``argv`` (its flags, as on the command line)."""
+  return cli.main("data_pipelines.prepare", define_flags, run, argv)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_program(define_flags, run)

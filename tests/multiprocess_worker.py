@@ -32,7 +32,9 @@ def make_config(steps: int):
   c = rds.get_config("stage=base,runlocal")
   c.total_steps = steps
   c.eval_every_steps = 0
-  c.sample_every_steps = 0
+  c.sample_every_steps = steps  # previews gather the process-sharded samples before writing them
+  c.sampling.num_samples = 2
+  c.sampling.num_steps = 1
   c.checkpoint_every_steps = steps
   c.log_every_steps = 1
   c.cpu_fast_compile = True  # compile-bound: a few steps only

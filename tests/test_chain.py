@@ -5,6 +5,7 @@ one stage's clips or the long-video pipeline. Tiny budgets (a few steps per
 stage, XLA -O0): this checks the plumbing, not the quality."""
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -102,6 +103,12 @@ def test_chain_trains_every_stage_from_the_previous(chain):
                      ("interpolator", "predictor")):
     assert (workdir / name / "model_init.json").read_text().count(str(workdir / prev)) == 1
     assert not (workdir / name / "frozen").exists()
+  # The latent scale every diffusion stage used is the one the autoencoder run measured (1 / z_std).
+  scale = json.loads((workdir / "autoencoder" / "info.json").read_text())["vae_scaling_factor"]
+  assert 0.1 < scale < 100
+  for name in ("image", "base", "predictor", "interpolator"):
+    stage_config = json.loads((workdir / name / "config.json").read_text())
+    assert stage_config["model"]["vae_overrides"]["scaling_factor"] == pytest.approx(scale, rel=1e-6), name
 
   # The frozen params the last stage trained with (the chain keeps only its state in memory) are bit for bit the
   # EMA weights the earlier stages saved: the spatial U-Net and label tokens from the image stage, the VAE from the

@@ -210,3 +210,23 @@ def test_stage_configs():
   assert webvid.get_config("stage=interpolator").trainable == r"unet/.*"  # the T2V interpolator trains all
   assert rds.get_config("stage=interpolator").trainable == ".*temporal.*"
   assert rds.get_config("stage=interpolator").data.num_frames == 13  # 4 key frames, 3 new frames between
+
+
+def test_out_of_range_regimes_are_refused():
+  """A regime id the interpolator has no embedding for is an error (concrete ids) or NaN features (traced ids,
+  which the train loop's non-finite check stops on), never silently the nearest regime; an fps of no regime
+  maps to such an id."""
+  from videoldm_jax.models.temporal import TemporalConditionEncoder  # pylint: disable=g-import-not-at-top
+  enc = TemporalConditionEncoder(level_channels=(8, 16), embed_dim=16, num_regimes=2)
+  cond, level = jnp.zeros((2, 8, 8, 5)), jnp.zeros((2,), jnp.int32)
+  params = enc.init(jax.random.PRNGKey(0), cond, level, jnp.zeros((2,), jnp.int32))
+  ok = enc.apply(params, cond, level, jnp.array([0, 1]))
+  assert all(np.isfinite(np.asarray(f)).all() for f in ok)
+  with pytest.raises(ValueError, match=r"regime labels \[2\] out of range.*num_regimes=2"):
+    enc.apply(params, cond, level, jnp.array([0, 2]))
+  traced = jax.jit(lambda r: enc.apply(params, cond, level, r))(jnp.array([0, -1]))
+  assert np.isfinite(np.asarray(traced[0][0])).all() and np.isnan(np.asarray(traced[0][1])).all()
+  config = rds.get_config("stage=interpolator,runlocal")
+  task = tasks.get("interpolator")(config)
+  ids = task.regime({"fps": jnp.array([7.5, 30.0, 15.0])}, 3)
+  np.testing.assert_array_equal(np.asarray(ids), [0, 1, -1])

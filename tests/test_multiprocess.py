@@ -8,6 +8,7 @@ import threading
 
 import jax
 import numpy as np
+from PIL import Image
 
 import multiprocess_worker
 from videoldm_jax import checkpoint, local_cluster, train
@@ -50,6 +51,9 @@ def test_two_processes_train_like_one(tmp_path):
   assert steps == [str(STEPS)]
   assert (mp_dir / "checkpoints" / str(STEPS) / "state").is_dir()
   assert (mp_dir / "frozen").is_dir() and (mp_dir / "config.json").is_file()
+  # Preview samples sharded over both processes were gathered and written once, like the one-process run's.
+  preview = f"samples/step_{STEPS:07d}.png"
+  assert np.asarray(Image.open(mp_dir / preview)).shape == np.asarray(Image.open(sp_dir / preview)).shape
 
   # ... which restores in this single-process 8-device layout and equals the single-process result.
   ckpt = checkpoint.Checkpointer(str(mp_dir / "checkpoints"), async_save=False)

@@ -298,3 +298,66 @@ def test_train_step_traced_once_and_mesh_matches_one_device(tmp_path, monkeypatc
   np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(sharded.state.params), jax.tree.leaves(single.state.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+@tasks.register("toy_mesh_eval")
+class _ToyMeshEval(ToyTask):
+  """Reports, from inside its jitted evaluation, how many mesh axes the trace saw."""
+
+  def eval_metrics(self, trainable, frozen, batch, rng):
+    return {"mesh_axes": jnp.float32(len(jax.sharding.get_abstract_mesh().axis_names))}
+
+
+def test_eval_runs_under_the_mesh_and_metrics_are_fetched_at_log_steps(tmp_path, monkeypatch):
+  """Evaluation is traced under the run's mesh (so the model's sharding constraints apply there as in the step),
+  and step metrics reach the host once per log / checkpoint step, not every step."""
+  fetched = []
+  real_get = jax.device_get
+
+  def counting_get(x):
+    if isinstance(x, list):  # the loop's batched fetch of pending step metrics
+      fetched.append(len(x))
+    return real_get(x)
+
+  monkeypatch.setattr(train.jax, "device_get", counting_get)
+  config = toy_config(stage="toy_mesh_eval", log_every_steps=4, eval_every_steps=4, checkpoint_every_steps=0)
+  res = train.train_and_evaluate(config, str(tmp_path))
+  assert [h["mesh_axes"] for h in res.eval_history] == [3.0, 3.0, 3.0]  # data, fsdp, tensor
+  assert sum(fetched) == 8 and max(fetched) == 4 and len([n for n in fetched if n]) == 2  # steps 1-4, 5-8
+  assert [h["step"] for h in res.history] == list(range(1, 9))
+
+
+def test_restore_initialises_only_what_no_source_provides(tmp_path):
+  """From scratch every param is initialised; resuming from a checkpoint (trainable) with the saved frozen params
+  initialises nothing; a model_init source that lacks a layer initialises just that layer."""
+  config = toy_config(total_steps=2, eval_every_steps=0)
+  task = tasks.get("toy")(config)
+  mesh = parallel.make_mesh(config)
+  rules = parallel.logical_rules(config)
+
+  def restore(cfg, wd):
+    ckpt = checkpoint.Checkpointer(str(wd / "checkpoints"), async_save=False)
+    try:
+      return checkpoint.restore_or_init(cfg, str(wd), task.init, train.run_rngs(cfg)[0], mesh, rules, task.tx, ckpt)
+    finally:
+      ckpt.close()
+
+  assert set(restore(config, tmp_path / "fresh").initialised) == {
+      "spatial_in/kernel", "spatial_in/bias", "spatial_out/kernel", "spatial_out/bias", "temporal_mix/kernel",
+      "temporal_mix/bias"}
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  again = restore(config, tmp_path / "run")
+  assert again.source == "checkpoint" and again.initialised == ()
+  child = toy_config(total_steps=2, eval_every_steps=0, model_init=str(tmp_path / "run"),
+                     model_init_missing_ok="temporal_mix/bias")
+  # The source's checkpoint lacks nothing, so even the allowed-missing bias comes from it ...
+  assert restore(child, tmp_path / "child").initialised == ()
+  # ... but a layer the source does not have is the only one initialised.
+  import shutil  # pylint: disable=g-import-not-at-top
+  src = tmp_path / "run_without_bias"
+  shutil.copytree(tmp_path / "run", src)
+  child.model_init = str(src)
+  (src / "frozen").rename(src / "frozen_moved")  # frozen params now come from nowhere but the init ...
+  child.model_init_missing_ok = "spatial_.*"     # ... which the source may lack
+  assert set(restore(child, tmp_path / "child2").initialised) == {
+      "spatial_in/kernel", "spatial_in/bias", "spatial_out/kernel", "spatial_out/bias"}

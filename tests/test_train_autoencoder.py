@@ -210,10 +210,6 @@ def test_full_size_config_and_checks():
   counts = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in trainable.items()}
   assert counts == {"vae": 83_653_863, "discriminator": 2_765_633} and frozen == {}
   assert (config.data.height, config.data.width, config.data.num_frames) == (128, 256, 1)
-  # vae_scale (1 / z_std of a trained autoencoder) reaches the latent stages' VAE config.
-  image = tasks.get("image")(rds.get_config("stage=image,runlocal,vae_scale=0.25"))
-  assert image.vae_config.scaling_factor == 0.25
-
   config.autoencoder.disc_optimizer = {"b1": 0.9}
   with pytest.raises(ValueError, match=r"config\.autoencoder\.disc_optimizer\.b1"):
     tasks.get("autoencoder")(config)

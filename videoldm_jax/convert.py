@@ -420,39 +420,56 @@ def _dtype(name: str):
   raise ConversionError(f"--dtype: {name!r} is not one of float32, bfloat16")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-  import argparse
-  parser = argparse.ArgumentParser(prog="python -m videoldm_jax.convert", description=__doc__.split("\n")[0])
-  parser.add_argument("--source", required=True, help="diffusers pipeline/model folder or .ckpt/.safetensors file")
-  parser.add_argument("--output", required=True, help="output directory (must not exist unless --overwrite)")
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
-                      help="overrides the scheduler config; single files cannot tell (SD 2.x 768-v is v)")
-  parser.add_argument("--drop_ema", action="store_true", help="discard model_ema.* weights of CompVis files")
-  parser.add_argument("--to", default="flax", choices=["flax", "diffusers"],
-                      help="'diffusers': export a converted Flax checkpoint back to PyTorch-layout safetensors")
-  parser.add_argument("--overwrite", action="store_true")
-  args = parser.parse_args(argv)
+# ----------------------------------------------------------------------------------------------------------
+# CLI (absl flags: videoldm_jax.cli).
+
+from absl import flags  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from videoldm_jax import cli  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags, defined in ``fv`` (the global FLAGS when run as a program)."""
+  flags.DEFINE_string("source", None, "diffusers pipeline/model folder or .ckpt/.safetensors file", flag_values=fv)
+  flags.DEFINE_string("output", None, "output directory (must not exist unless --overwrite)", flag_values=fv)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of the converted params", flag_values=fv)
+  flags.DEFINE_enum("prediction_type", None, ["epsilon", "v_prediction"],
+                    "overrides the scheduler config; single files cannot tell (SD 2.x 768-v is v)", flag_values=fv)
+  flags.DEFINE_bool("drop_ema", False, "discard model_ema.* weights of CompVis files", flag_values=fv)
+  flags.DEFINE_enum("to", "flax", ["flax", "diffusers"],
+                    "'diffusers': export a converted Flax checkpoint back to PyTorch-layout safetensors",
+                    flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "replace --output if it exists", flag_values=fv)
+
+
+def run(fv: flags.FlagValues) -> int:
+  """Runs the command with parsed flags; a source that does not convert prints the error and returns 2."""
+  cli.require(fv, "source", "output")
   try:
-    if args.to == "diffusers":
-      for p in export_diffusers(args.source, args.output, overwrite=args.overwrite):
+    if fv.to == "diffusers":
+      for p in export_diffusers(fv.source, fv.output, overwrite=fv.overwrite):
         print(f"wrote {p}")
       return 0
-    if os.path.exists(args.output) and not args.overwrite:
-      raise ConversionError(f"{args.output}: already exists (pass --overwrite to replace it)")
-    dtype = _dtype(args.dtype)
+    if os.path.exists(fv.output) and not fv.overwrite:
+      raise ConversionError(f"{fv.output}: already exists (pass --overwrite to replace it)")
+    dtype = _dtype(fv.dtype)
     _PROGRESS["enabled"] = True
-    configs, params, schedule = convert_source(args.source, dtype, args.prediction_type, args.drop_ema)
-    save_converted(args.output, configs, params, schedule, source=os.path.abspath(args.source),
-                   dtype_name=args.dtype, overwrite=args.overwrite)
+    configs, params, schedule = convert_source(fv.source, dtype, fv.prediction_type, fv.drop_ema)
+    save_converted(fv.output, configs, params, schedule, source=os.path.abspath(fv.source),
+                   dtype_name=fv.dtype, overwrite=fv.overwrite)
   except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   counts = {n: sum(int(np.prod(np.shape(x))) for x in _leaves(t)) for n, t in params.items()}
   for name, n in counts.items():
     print(f"{name}: {n:,} params")
-  print(f"wrote {os.path.abspath(args.output)}")
+  print(f"wrote {os.path.abspath(fv.output)}")
   return 0
+
+
+def main(argv: typing.Sequence[str]) -> int:
+  """The command with ``argv`` (its flags, as on the command line)."""
+  return cli.main("videoldm_jax.convert", define_flags, run, argv)
 
 
 def _leaves(tree):
@@ -464,4 +481,4 @@ def _leaves(tree):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_program(define_flags, run)

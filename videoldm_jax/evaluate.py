@@ -66,8 +66,10 @@ class ISAccumulator:
     self.c3d, self.splits = c3d, splits
     self.params = c3d.load_c3d(weights)
     self.probs: List[np.ndarray] = []
+    self.seen = 0
 
   def update(self, videos: np.ndarray) -> None:
+    self.seen += len(videos)
     self.probs.append(np.asarray(self.c3d.c3d_probs(self.params, videos), np.float64))
 
   def result(self) -> Dict[str, float]:
@@ -85,18 +87,17 @@ class CLIPSIMAccumulator:
     self.clip_image = clip_image
     self.prompts = read_prompts(prompts_path, num_videos)
     self.loaded = clip_image.load_clip(weights, variant)
-    self.total, self.count, self.position = 0.0, 0, 0
+    self.total, self.seen = 0.0, 0
 
   def update(self, videos: np.ndarray) -> None:
     # This process holds videos index, index + count, ... of the source (``fvd.take``).
-    idx = [jax.process_index() + jax.process_count() * (self.position + k) for k in range(len(videos))]
-    self.position += len(videos)
+    idx = [jax.process_index() + jax.process_count() * (self.seen + k) for k in range(len(videos))]
+    self.seen += len(videos)
     scores = self.clip_image.clipsim(self.loaded, videos, [self.prompts[i] for i in idx])
     self.total += float(np.sum(scores))
-    self.count += len(scores)
 
   def result(self) -> Dict[str, float]:
-    total, count = _sum_over_processes([self.total, float(self.count)])
+    total, count = _sum_over_processes([self.total, float(self.seen)])
     return {"clipsim": total / max(count, 1.0)}
 
 
@@ -237,9 +238,14 @@ def evaluate(videos: str, reference: Optional[str] = None, *, metrics: Sequence[
     if clipsim is not None:
       clipsim.update(chunk)
 
+  def count(i3d_stats, fid_stats, fallback=None) -> Optional[int]:
+    if i3d_stats is not None:
+      return int(i3d_stats.count)
+    return int(fid_stats.count // num_frames) if fid_stats is not None else fallback
+
   gen_i3d, gen_fid = run(gen, gen.videos(), f"videos {gen.spec}", True, each_generated)
-  count = gen_i3d.count if gen_i3d is not None else (gen_fid.count // num_frames if gen_fid is not None else None)
-  out["num_videos"] = int(count) if count is not None else None
+  scored = inception_score or clipsim
+  out["num_videos"] = count(gen_i3d, gen_fid, int(_sum_over_processes([scored.seen])[0]) if scored else None)
   out["skipped"] = {"videos": _skips(gen)}
   if clipsim is not None and out["skipped"]["videos"]:
     raise ValueError(f"--videos={videos}: unreadable videos were skipped, so the prompts of --prompts no longer "
@@ -249,7 +255,7 @@ def evaluate(videos: str, reference: Optional[str] = None, *, metrics: Sequence[
   if ref is not None and any(m in NEEDS_REFERENCE for m in metrics):
     ref_it = ref.videos()
     ref_i3d, ref_fid = run(ref, ref_it, f"reference {ref.spec}", True)
-    out["num_reference"] = int((ref_i3d or ref_fid).count if ref_i3d is not None else ref_fid.count // num_frames)
+    out["num_reference"] = count(ref_i3d, ref_fid)
     if noise_floor and extractor is not None:
       floor_i3d, _ = run(ref, ref_it, f"reference {ref.spec} (second set)", False)
       fvd_lib.check_count(floor_i3d, num_videos, ref)
@@ -270,7 +276,7 @@ def evaluate(videos: str, reference: Optional[str] = None, *, metrics: Sequence[
         raise ValueError(f"--reference={reference} holds no FID statistics (has {sorted(loaded)}); save them with "
                          f"--metrics=fvd,fid --save_reference_stats")
       ref_fid = loaded["fid"]
-    out["num_reference"] = int((ref_i3d or ref_fid).count if ref_i3d is not None else ref_fid.count // num_frames)
+    out["num_reference"] = count(ref_i3d, ref_fid)
 
   if "fvd" in metrics:
     fvd_lib.check_count(gen_i3d, num_videos, gen)

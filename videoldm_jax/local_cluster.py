@@ -22,6 +22,10 @@ import threading
 import time
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from absl import app, flags
+
+from videoldm_jax import cli
+
 
 def free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -33,10 +37,11 @@ def process_env(process_id: int, num_processes: int, devices_per_process: int, p
                 base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
   """Environment of one process of the local cluster."""
   env = dict(os.environ if base is None else base)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  xla_flags = [f for f in env.get("XLA_FLAGS", "").split()
+               if not f.startswith("--xla_force_host_platform_device_count")]
   env.update(
       JAX_PLATFORMS="cpu",
-      XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"]),
+      XLA_FLAGS=" ".join(xla_flags + [f"--xla_force_host_platform_device_count={devices_per_process}"]),
       JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
       JAX_NUM_PROCESSES=str(num_processes),
       JAX_PROCESS_ID=str(process_id),
@@ -102,18 +107,20 @@ def run(command: Sequence[str], num_processes: int = 2, devices_per_process: int
   return [ProcessResult(i, p.returncode, "".join(outputs[i])) for i, p in enumerate(procs)]
 
 
-def main(argv: Sequence[str]) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--num_processes", type=int, default=2)
-  parser.add_argument("--devices_per_process", type=int, default=4)
-  parser.add_argument("--timeout", type=float, default=None, help="seconds")
-  parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
-  args = parser.parse_args(argv)
-  command = args.command[1:] if args.command[:1] == ["--"] else args.command
+def define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags, defined in ``fv`` (the global FLAGS when run as a program)."""
+  flags.DEFINE_integer("num_processes", 2, "number of JAX processes", flag_values=fv)
+  flags.DEFINE_integer("devices_per_process", 4, "fake CPU devices of each process", flag_values=fv)
+  flags.DEFINE_float("timeout", None, "seconds", flag_values=fv)
+  # The command's own flags follow it: parsing stops at the first argument that is not a flag, as at ``--``.
+  fv.set_gnu_getopt(False)
+
+
+def run_command(fv: flags.FlagValues, command: List[str]) -> int:
+  """Runs ``command`` (the arguments after ``--``) on the local cluster of ``fv``; 1 if any process fails."""
   if not command:
-    parser.error("give the command after --")
-  results = run(command, args.num_processes, args.devices_per_process, timeout=args.timeout, echo=True)
+    raise app.UsageError("give the command after --")
+  results = run(command, fv.num_processes, fv.devices_per_process, timeout=fv.timeout, echo=True)
   codes = [r.returncode for r in results]
   if any(codes):
     sys.stderr.write(f"local_cluster: exit codes {codes}\n")
@@ -121,5 +128,10 @@ def main(argv: Sequence[str]) -> int:
   return 0
 
 
+def main(argv: Sequence[str]) -> int:
+  """The command with ``argv`` (its flags, then ``--`` and the command, as on the command line)."""
+  return cli.main("videoldm_jax.local_cluster", define_flags, run_command, argv, positional=True)
+
+
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+  cli.run_program(define_flags, run_command, positional=True)

@@ -141,20 +141,29 @@ def all_finite(*trees) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
 
 
-def apply_gradients(state: TrainState, grads: Params, loss: jax.Array, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, ema_decay: float) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One optimizer update. A non-finite loss or gradient leaves params / opt state / EMA unchanged (the step
-  counter still advances) and reports ``finite=0``; the train loop then stops with a clear message, so the
-  last checkpoint and the in-memory state stay valid."""
-  grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+def apply_update(state: TrainState, grads: Params, tx: optax.GradientTransformation, ema_decay: float,
+                 finite: jax.Array, hold: Optional[Callable[[Params, Params], Params]] = None) -> TrainState:
+  """One optimizer update of ``state`` by ``grads``, kept only when ``finite``: otherwise params, optimizer state
+  and EMA stay as they were (the step counter still advances), so the last checkpoint and the in-memory state stay
+  valid and the loop can stop with a clear message. ``hold(new_params, old_params) -> params`` may hold some
+  params back before the EMA sees them (e.g. a discriminator before its start step)."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if hold is not None:
+    params = hold(params, state.params)
   ema = ema_update(state.ema_params, params, ema_decay, state.step + 1) if state.ema_params is not None else None
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
-                         opt_state=keep(opt_state, state.opt_state),
-                         ema_params=keep(ema, state.ema_params) if ema is not None else None)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  return TrainState(step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                    ema_params=keep(ema, state.ema_params) if ema is not None else None)
+
+
+def apply_gradients(state: TrainState, grads: Params, loss: jax.Array, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, ema_decay: float) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """``apply_update`` with the finiteness of ``loss`` and the gradient norm; metrics ``loss``, ``grad_norm``,
+  ``lr`` and ``finite`` (0 when the update was skipped)."""
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_state = apply_update(state, grads, tx, ema_decay, finite)
   metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite.astype(jnp.int32)}
   return new_state, metrics
 

@@ -29,13 +29,12 @@ Text-to-image with a converted Stable Diffusion (DDIM + classifier-free guidance
 
 from __future__ import annotations
 
-import sys
 from typing import Dict, Sequence
 
 import jax
 from absl import app, flags
 
-from videoldm_jax import sampling
+from videoldm_jax import cli, sampling
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -136,18 +135,9 @@ def run(fv: flags.FlagValues) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-  """The command with ``argv`` (its flags, as on the command line); bad input exits with status 2 and a message
-  on stderr naming the flag."""
-  fv = flags.FlagValues()
-  define_flags(fv)
-  try:
-    fv(["videoldm_jax.sample"] + list(argv))
-    return run(fv)
-  except (flags.Error, app.UsageError) as e:
-    print(f"videoldm_jax.sample: {e}", file=sys.stderr)
-    raise SystemExit(2) from None
+  """The command with ``argv`` (its flags, as on the command line)."""
+  return cli.main("videoldm_jax.sample", define_flags, run, argv)
 
 
 if __name__ == "__main__":
-  define_flags(flags.FLAGS)
-  app.run(lambda argv: run(flags.FLAGS) if len(argv) == 1 else sys.exit(f"unexpected arguments {argv[1:]}"))
+  cli.run_program(define_flags, run)

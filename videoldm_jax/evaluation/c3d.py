@@ -58,6 +58,7 @@ DEFAULT_MEAN_BGR = (90.25164795, 97.65701294, 101.4083252)
 MEAN_CLIP_SHAPE = (3, NUM_FRAMES, 128, 171)  # Caffe C3D mean clip: BGR, channel-first, 128x171 frames
 POOL5_MODES = ("ceil", "pad")
 MEAN_KEY = "input_mean"
+PRECISION = "highest"  # full fp32 convolutions on every platform (GPUs would otherwise use TF32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,12 +237,12 @@ def convert_c3d(source: Union[TensorSource, Mapping[str, object]], config: C3DCo
 def load_c3d(path: Union[str, TensorSource], config: C3DConfig = C3DConfig(), *,
              mean: Optional[Union[str, np.ndarray]] = None) -> Dict:
   """Reads user-supplied UCF-101 C3D weights (``.pth``/``.pt``/``.bin`` via ``torch.load(weights_only=True)``, or
-  ``.safetensors``) and converts them strictly. ``mean``: None (per-channel defaults), an array, or a
-  ``.npy``/``.npz`` path (e.g. TGAN's ``mean2.npz``)."""
+  ``.safetensors``) and converts them strictly (float32, on the default device). ``mean``: None (per-channel
+  defaults), an array, or a ``.npy``/``.npz`` path (e.g. TGAN's ``mean2.npz``)."""
   source = path if isinstance(path, TensorSource) else open_checkpoint(path)
   if isinstance(mean, str):
     mean = read_mean(mean)
-  return convert_c3d(source, config, mean=mean)
+  return jax.device_put(convert_c3d(source, config, mean=mean))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -249,7 +250,8 @@ def load_c3d(path: Union[str, TensorSource], config: C3DConfig = C3DConfig(), *,
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def c3d_probs_batch(params: Mapping, videos: jax.Array, config: C3DConfig = C3DConfig()) -> jax.Array:
-  """Jittable core: uint8 RGB videos ``[n, 16, h, w, 3]`` -> class probabilities ``[n, num_classes]`` float32."""
+  """Jittable core: uint8 RGB videos ``[n, 16, h, w, 3]`` -> class probabilities ``[n, num_classes]`` float32.
+  :func:`c3d_probs` calls it under ``jax.default_matmul_precision(PRECISION)`` (full fp32 convolutions)."""
   logits = C3D(config).apply({"params": params}, preprocess(videos))
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
@@ -276,5 +278,6 @@ def c3d_probs(params: Mapping, videos_uint8, *, batch_size: int = 8, config: Opt
     valid = chunk.shape[0]
     if valid < size:
       chunk = np.concatenate([chunk, np.zeros((size - valid,) + chunk.shape[1:], chunk.dtype)])
-    out.append(np.asarray(c3d_probs_batch(params, chunk, config=config))[:valid])
+    with jax.default_matmul_precision(PRECISION):
+      out.append(np.asarray(c3d_probs_batch(params, chunk, config=config))[:valid])
   return np.concatenate(out)

@@ -65,6 +65,7 @@ DROPPED_KEYS = ("logit_scale", "input_resolution", "context_length", "vocab_size
 POSITION_IDS_SUFFIX = "embeddings.position_ids"
 VISION_PREFIX, TEXT_PREFIX = "vision_model.", "text_model."
 VISUAL_PROJECTION, TEXT_PROJECTION = "visual_projection.weight", "text_projection.weight"
+PRECISION = "highest"  # full fp32 matmuls on every platform (GPUs would otherwise use TF32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -447,7 +448,7 @@ def load_clip(path: Union[str, TensorSource], variant: Union[str, CLIPModelConfi
     params = convert_clip_openclip(source, config)
   else:
     params = convert_clip_transformers(source, config)
-  return LoadedCLIP(config=config, params=params)
+  return LoadedCLIP(config=config, params=jax.device_put(params))
 
 
 def openclip_config(source: Union[TensorSource, Mapping[str, object]], hidden_act: str,
@@ -506,7 +507,7 @@ def text_embeds_batch(params: Mapping, input_ids: jax.Array, config: CLIPTextCon
 
 
 def _batched(fn, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-  """``fn`` over fixed-size batches of ``inputs`` (last one zero-padded: one compilation)."""
+  """``fn`` over fixed-size batches of ``inputs`` (last one zero-padded: one compilation), in ``PRECISION``."""
   n = inputs.shape[0]
   size = min(batch_size, n)
   out = []
@@ -515,7 +516,8 @@ def _batched(fn, inputs: np.ndarray, batch_size: int) -> np.ndarray:
     valid = chunk.shape[0]
     if valid < size:
       chunk = np.concatenate([chunk, np.zeros((size - valid,) + chunk.shape[1:], chunk.dtype)])
-    out.append(np.asarray(fn(chunk))[:valid])
+    with jax.default_matmul_precision(PRECISION):
+      out.append(np.asarray(fn(chunk))[:valid])
   return np.concatenate(out)
 
 

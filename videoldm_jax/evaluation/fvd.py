@@ -472,7 +472,7 @@ def tfds_source(spec: str, data_dir: Optional[str], *, num_frames: int = NUM_FRA
 
 
 def split_grid(grid: np.ndarray, threshold: int = 235) -> np.ndarray:
-  """Cuts the tiles out of a grid video written by ``sample.write_outputs`` (white gaps between tiles).
+  """Cuts the tiles out of a grid video written by ``video_io.write_outputs`` (white gaps between tiles).
 
   ``grid``: uint8 ``[t, H, W, 3]``. Separator rows / columns are white in every frame; tiles that are white all
   over (empty grid cells) are dropped; tiles are cropped to the smallest tile size (codec padding). Returns uint8

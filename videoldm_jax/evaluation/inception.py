@@ -46,6 +46,7 @@ FEATURE_DIM = 2048
 NUM_CLASSES = 1008
 BN_EPS = 1e-3
 PROTOCOLS = ("pytorch_fid", "tensorflow")
+PRECISION = "highest"  # metrics computed in full fp32, like the references, on every platform
 # BatchNorm's step counter: a buffer torch stores next to the running statistics; it plays no part in eval.
 NUM_BATCHES_TRACKED = "num_batches_tracked"
 
@@ -294,9 +295,9 @@ def convert_fid_inception(source: Union[TensorSource, Mapping[str, object]], dty
 
 def load_fid_inception(path: Union[str, TensorSource]) -> Dict:
   """Reads ``pt_inception-2015-12-05-6726825d.pth`` (``torch.load(weights_only=True)``) or a ``.safetensors``
-  copy and converts it (strictly) to :class:`FIDInceptionV3` params (numpy float32)."""
+  copy and converts it (strictly) to :class:`FIDInceptionV3` params (float32, on the default device)."""
   source = path if isinstance(path, TensorSource) else open_checkpoint(path)
-  return convert_fid_inception(source)
+  return jax.device_put(convert_fid_inception(source))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,14 +305,19 @@ def load_fid_inception(path: Union[str, TensorSource]) -> Dict:
 
 @functools.partial(jax.jit, static_argnames=("protocol",))
 def fid_features_batch(params: Mapping, frames: jax.Array, protocol: str = "pytorch_fid") -> jax.Array:
-  """Jittable core: uint8 frames ``[n, h, w, 3]`` -> pool features ``[n, 2048]`` float32."""
+  """Jittable core: uint8 frames ``[n, h, w, 3]`` -> pool features ``[n, 2048]`` float32.
+
+  Call it under ``jax.default_matmul_precision(PRECISION)`` for full fp32 convolutions, as :func:`fid_features`
+  does (XLA's default lets GPUs use TF32 and TPUs bf16 passes).
+  """
   return FIDInceptionV3().apply({"params": params}, preprocess(frames, protocol))["pool"]
 
 
 def fid_features(params: Mapping, frames_uint8, *, batch_size: int = 50, protocol: str = "pytorch_fid") -> np.ndarray:
   """FID features of ``frames_uint8 [n, h, w, 3]`` (any size; resized per ``protocol``) -> ``[n, 2048]`` float32.
 
-  Runs in fixed-size batches (the last one zero-padded) so one compilation serves every batch.
+  Runs in fixed-size batches (the last one zero-padded) so one compilation serves every batch, with fp32
+  convolutions (``PRECISION``) whatever the platform's default.
   """
   frames = np.asarray(frames_uint8)
   if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -327,6 +333,7 @@ def fid_features(params: Mapping, frames_uint8, *, batch_size: int = 50, protoco
     valid = chunk.shape[0]
     if valid < size:
       chunk = np.concatenate([chunk, np.zeros((size - valid,) + chunk.shape[1:], chunk.dtype)])
-    out.append(np.asarray(fid_features_batch(params, chunk, protocol=protocol))[:valid])
+    with jax.default_matmul_precision(PRECISION):
+      out.append(np.asarray(fid_features_batch(params, chunk, protocol=protocol))[:valid])
   return np.concatenate(out)
 

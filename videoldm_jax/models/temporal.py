@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from videoldm_jax.models import layers
 
@@ -303,8 +304,16 @@ class TemporalConditionEncoder(nn.Module):
         raise ValueError("temporal_cond has a regime embedding (num_regimes): pass the regime label")
       table = nn.Embed(self.num_regimes, self.embed_dim, name="regime_embedding", param_dtype=self.param_dtype,
                        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")))
-      emb = emb + table(jnp.clip(jnp.asarray(regime, jnp.int32).reshape(-1), 0, self.num_regimes - 1)).astype(
-          emb.dtype)
+      ids = jnp.asarray(regime, jnp.int32).reshape(-1)
+      if not isinstance(ids, jax.core.Tracer):
+        bad = np.asarray(ids)[(np.asarray(ids) < 0) | (np.asarray(ids) >= self.num_regimes)]
+        if bad.size:
+          raise ValueError(f"regime labels {sorted(set(bad.tolist()))} out of range: temporal_cond has "
+                           f"num_regimes={self.num_regimes}")
+      # Traced ids cannot raise: an out-of-range id gives NaN features (the loop's non-finite check stops there)
+      # instead of silently borrowing the nearest regime's embedding.
+      ids = jnp.where(ids < 0, self.num_regimes, ids)  # take() would wrap negative ids around
+      emb = emb + jnp.take(table.embedding, ids, axis=0, mode="fill", fill_value=jnp.nan).astype(emb.dtype)
     h = h + layers.dense(ch0, name="emb_proj", **kw)(nn.silu(emb))[:, None, None, :]
     pad = [(1, 1), (1, 1)] if self.downsample_padding == 1 else [(0, 1), (0, 1)]
     features = []

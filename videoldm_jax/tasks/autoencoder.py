@@ -25,8 +25,8 @@ are zero) and no adversarial work is executed (``lax.cond``).
 The evaluation loss of this stage is the mean absolute reconstruction error of the posterior mode on the fixed
 batch (deterministic, comparable across runs). ``eval_metrics`` adds, on the same held-out batch, the
 reconstruction PSNR and the PSNR of predicting every frame by the batch's mean frame: the baseline a useful
-autoencoder must clearly beat (a collapsed or GAN-disrupted decoder lands near or below it). The ``z_std`` metric is the std of the latents: an image LDM
-trained on this VAE should use ``scaling_factor = 1 / z_std`` (LDM's ``scale_by_std``).
+autoencoder must clearly beat. The ``z_std`` metric is the std of the latents: an image LDM trained on this VAE
+should use ``scaling_factor = 1 / z_std`` (LDM's ``scale_by_std``).
 """
 
 from __future__ import annotations
@@ -428,20 +428,13 @@ class AutoencoderTask(Task):
     metrics.update(d_loss=d_loss, logits_real=real_mean, logits_fake=fake_mean, disc_grad_norm=d_grad_norm,
                    disc_active=disc_on.astype(jnp.float32))
 
-    grads = dict(grads, **{DISC: d_grads})
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     # Before disc_start the discriminator's gradients are zero, so its Adam moments stay zero; its params are held
     # explicitly (weight decay would otherwise move them).
-    params = dict(params, **{DISC: jax.tree.map(lambda n, o: jnp.where(disc_on, n, o), params[DISC],
-                                                state.params[DISC])})
-    ema = state.ema_params
-    if ema is not None:
-      ema = optim.ema_update(ema, params, float(self.config.ema_decay), state.step + 1)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = optim.TrainState(step=state.step + 1, params=keep(params, state.params),
-                                 opt_state=keep(opt_state, state.opt_state),
-                                 ema_params=keep(ema, state.ema_params) if ema is not None else None)
+    def hold_disc(new, old):
+      return dict(new, **{DISC: jax.tree.map(lambda n, o: jnp.where(disc_on, n, o), new[DISC], old[DISC])})
+
+    new_state = optim.apply_update(state, dict(grads, **{DISC: d_grads}), self.tx, float(self.config.ema_decay),
+                                   finite, hold=hold_disc)
     metrics.update(loss=loss, grad_norm=grad_norm, lr=self.schedule(state.step), disc_lr=self.disc_schedule(state.step),
                    finite=finite.astype(jnp.int32))
     return new_state, metrics

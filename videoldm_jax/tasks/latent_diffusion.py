@@ -145,9 +145,6 @@ class Tokenize:
 class LatentDiffusionTask(Task):
   """Image / key-frame video latent diffusion (see module docstring)."""
 
-  # Batch fields the input pipeline hands to the step (subclasses add what their conditioning needs).
-  batch_fields = ("video", "latents", "labels", "caption_ids", "cond_mask")
-
   def __init__(self, config):
     self.config = config
     self.video = config.stage != "image"
@@ -295,7 +292,7 @@ class LatentDiffusionTask(Task):
   def _dataset(self, mesh, data_config):
     local = self.config.batch_size // jax.process_count()
     ds = data_pipeline.make_dataset(data_config, local, tokenize_fn=self.tokenize)
-    keep = self.batch_fields
+    keep = set(self.abstract_batch(1))  # the fields the task declares, nothing else
     spec = P(parallel.BATCH_AXES)
     return ds.map(lambda b: {k: v for k, v in b.items() if k in keep}).map(
         functools.partial(data_pipeline.make_global_batch, mesh=mesh, partition_spec=spec))

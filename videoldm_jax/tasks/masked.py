@@ -90,8 +90,6 @@ def _validate_masked(config) -> None:
 class MaskedTask(LatentDiffusionTask):
   """Predictor / interpolator (see module docstring)."""
 
-  batch_fields = LatentDiffusionTask.batch_fields + ("fps",)
-
   def __init__(self, config):
     self.interpolator = config.stage == INTERPOLATOR
     super().__init__(config)
@@ -116,8 +114,8 @@ class MaskedTask(LatentDiffusionTask):
 
   @classmethod
   def validate_config(cls, config) -> None:
+    _validate_masked(config)  # first: a missing mask conditioning is named as such
     super().validate_config(config)
-    _validate_masked(config)
 
   @classmethod
   def pipeline_order(cls, stage: str) -> int:
@@ -150,7 +148,9 @@ class MaskedTask(LatentDiffusionTask):
     if "fps" not in batch:
       return jnp.zeros((b,), jnp.int32)
     regimes = jnp.asarray(tuple(float(f) for f in self.config.masked.regime_fps), jnp.float32)
-    return jnp.argmin(jnp.abs(jnp.asarray(batch["fps"], jnp.float32)[:, None] - regimes[None, :]), axis=1)
+    dist = jnp.abs(jnp.asarray(batch["fps"], jnp.float32)[:, None] - regimes[None, :])
+    # A clip at an fps of no regime gets -1 (refused by the model: NaN features), never the nearest regime.
+    return jnp.where(jnp.min(dist, axis=1) < 1e-3, jnp.argmin(dist, axis=1), -1)
 
   def sample_training_mask(self, rng, b: int) -> jax.Array:
     t = self.num_frames

@@ -63,6 +63,7 @@ def get_config(arg=None):
     if a.runlocal:
       _runlocal_chain(c)
       c.sample_videos = 2  # each long video costs minutes of CPU sampling
+      c.sample_fvd_clips = 16  # 8 clips of 16 frames per video, against 16 held-out synthetic clips
     return c
   c = tasks.default_config(a.stage)
   config_lib.apply_variant(c, "tiny_rds" if a.runlocal else "rds")

@@ -28,7 +28,7 @@ INTERP_FRAMES = 5  # 2 key frames per interpolator window
 
 def _overrides():
   """The tiny budget, as command-line flags (the rerun goes through the real command)."""
-  flags = ["--config.sample_videos=2"]
+  flags = ["--config.sample_videos=2", "--config.sample_fvd_clips=0"]  # closing FVD: test_evaluation_training
   for name, steps in STEPS.items():
     p = f"--config.stages.{name}."
     flags += [f"{p}total_steps={steps}", f"{p}eval_every_steps=0", f"{p}sample_every_steps=0",

@@ -203,7 +203,7 @@ def test_cli_prints_one_json_object(tmp_path, extractor, cache):
   assert out["skipped"] == {"videos": {"zero_byte": 1}, "reference": {}}
   assert fvd.load_reference_stats(saved, num_videos=2).count == 2
 
-  bad = subprocess.run(cmd[:3] + ["--metrics=fvd,psnr"], capture_output=True, text=True, env=env, timeout=300)
+  bad = subprocess.run(cmd[:5] + ["--metrics=fvd,psnr"], capture_output=True, text=True, env=env, timeout=300)
   assert bad.returncode == 1 and "unknown ['psnr']" in bad.stderr and bad.stdout == ""
 
 
@@ -244,3 +244,55 @@ def test_two_processes_extract_their_shares_and_sum_statistics(tmp_path):
     assert o["count"] == 11
     np.testing.assert_allclose(o["sum"], expected.sum, rtol=1e-6)
     np.testing.assert_allclose(o["outer"], expected.outer, rtol=1e-6)
+
+
+def test_other_metrics_are_wired_to_their_feature_networks(monkeypatch, tmp_path):
+  """FID / IS / CLIPSIM through ``evaluate`` with stand-ins for the networks: what each one receives and how its
+  outputs become the reported numbers (the networks themselves have their own parity tests)."""
+  from videoldm_jax import evaluate
+  from videoldm_jax.evaluation import c3d, clip_image, inception
+
+  def fid_features(params, frames):
+    assert params == "inception" and frames.ndim == 4 and frames.dtype == np.uint8
+    return frames.reshape(len(frames), -1)[:, :64].astype(np.float32)
+
+  def c3d_probs(params, videos):
+    assert params == "c3d" and videos.shape[1:] == (16, 16, 32, 3)
+    logits = videos.reshape(len(videos), -1)[:, :101].astype(np.float64) / 64
+    return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+  def clipsim(loaded, videos, prompts):
+    assert loaded == ("image", "text", "config") and len(prompts) == len(videos)
+    return np.asarray([len(p) for p in prompts], np.float64)
+
+  monkeypatch.setattr(evaluate, "FID_DIM", 64)  # 2048 in the real network; sqrtm of 2048x2048 takes a while
+  monkeypatch.setattr(inception, "load_fid_inception", lambda path: "inception")
+  monkeypatch.setattr(inception, "fid_features", fid_features)
+  monkeypatch.setattr(c3d, "load_c3d", lambda path: "c3d")
+  monkeypatch.setattr(c3d, "c3d_probs", c3d_probs)
+  monkeypatch.setattr(clip_image, "load_clip", lambda path, variant: ("image", "text", "config"))
+  monkeypatch.setattr(clip_image, "clipsim", clipsim)
+  prompts = [f"prompt {'x' * i}" for i in range(12)]
+  (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+
+  out = evaluate.evaluate("synthetic:3", "synthetic:4", metrics=["fid", "is", "clipsim"], num_videos=6,
+                          batch_size=4, fid_weights="f.pth", c3d_weights="c.pth", clip_weights="clip/",
+                          prompts=str(tmp_path / "prompts.txt"), is_splits=2, synthetic_height=16,
+                          synthetic_width=32, progress=False)
+  gen = fvd.synthetic_videos(6, 16, 16, 32, seed=3)
+  ref = fvd.synthetic_videos(6, 16, 16, 32, seed=4)
+  frames = lambda v: statistics.FeatureStats.from_features(fid_features("inception", v.reshape(-1, 16, 32, 3)))
+  np.testing.assert_allclose(out["fid"], statistics.frechet_distance_from_stats(frames(gen), frames(ref)),
+                             rtol=1e-9)
+  np.testing.assert_allclose([out["is"], out["is_std"]],
+                             statistics.inception_score(c3d_probs("c3d", gen), splits=2), rtol=1e-9)
+  assert out["clipsim"] == pytest.approx(np.mean([len(p) for p in prompts[:6]]))
+  assert out["num_videos"] == 6 and out["num_reference"] == 6 and "fvd" not in out
+
+  with pytest.raises(ValueError, match="--prompts=.*: 12 prompts for 20 videos"):
+    evaluate.evaluate("synthetic", metrics=["clipsim"], num_videos=20, clip_weights="clip/",
+                      prompts=str(tmp_path / "prompts.txt"))
+  with pytest.raises(ValueError, match="--metrics=is needs --c3d_weights"):
+    evaluate.evaluate("synthetic", metrics=["is"])
+  with pytest.raises(ValueError, match=r"--reference is required for \['fid'\]"):
+    evaluate.evaluate("synthetic", metrics=["fid"], fid_weights="f.pth")

@@ -73,8 +73,8 @@ def test_statistics_errors(tmp_path):
   np.savez(tmp_path / "other.npz", x=np.zeros(3))
   with pytest.raises(ValueError, match="other.npz: holds no statistics"):
     statistics.load_stats(str(tmp_path / "other.npz"))
-  with pytest.raises(ValueError, match=r"has \['fvd'\]"):
-    statistics.FeatureStats.from_features(np.ones((3, 4))).save(str(tmp_path / "s.npz"))
+  statistics.FeatureStats.from_features(np.ones((3, 4))).save(str(tmp_path / "s.npz"))
+  with pytest.raises(ValueError, match=r"no 'fid' statistics \(has \['fvd'\]\)"):
     statistics.FeatureStats.load(str(tmp_path / "s.npz"), "fid")
 
 

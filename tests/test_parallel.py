@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from videoldm_jax import config_lib, optim, parallel, tasks
+from videoldm_jax import config_lib, optim, parallel
 from videoldm_jax.models import layers
 
 
@@ -97,13 +97,13 @@ def test_validation_rejects_batch_not_divisible_by_data_x_fsdp():
   config = _config(ici_data_parallelism=2, ici_fsdp_parallelism=4)
   config.batch_size = 12
   with pytest.raises(ValueError, match=r"config\.batch_size=12 is not divisible by the data-parallel size 8"):
-    tasks.validate(config)
+    config_lib.validate_generic(config)
   config.batch_size = 16
-  tasks.validate(config)
+  config_lib.validate_generic(config)
   # With a -1 knob the size is known only with the devices: the mesh-time check names the key the same way.
   config = _config(ici_data_parallelism=-1, ici_fsdp_parallelism=2)
   config.batch_size = 12
-  tasks.validate(config)
+  config_lib.validate_generic(config)
   mesh = parallel.make_mesh(config)
   with pytest.raises(ValueError, match=r"config\.batch_size=12 is not divisible by the data-parallel size 8"):
     config_lib.validate_for_mesh(config, parallel.data_parallel_size(mesh))

@@ -108,6 +108,16 @@ def base_config() -> ConfigDict:
                                 b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
   c.ema_decay = 0.9999         # 0 disables EMA
 
+  # Video metrics of EMA samples during training (videoldm_jax/evaluation; README "Evaluation").
+  c.evaluation = ConfigDict(dict(
+      every_steps=0,           # 0: never; else every K steps and at the end (stages whose samples are videos)
+      metrics=("fvd",),
+      num_videos=16,           # generated clips per evaluation, and reference clips
+      num_frames=16,           # FVD protocol frames (I3D needs >= 9; clips are sampled at least this long)
+      reference="synthetic",   # videoldm_jax.evaluate sources: synthetic, a folder, NAME/SPLIT (data.data_dir), .npz
+      batch_size=0,            # I3D clips per call (0: 4 per data-parallel device)
+  ))
+
   c.log_every_steps = 50
   c.eval_every_steps = 1000    # loss on a fixed batch with fixed noise (0: never)
   c.eval_noise_draws = 4
@@ -234,6 +244,7 @@ def chain_schema() -> ConfigDict:
       stage=CHAIN, chain=(), stages=ConfigDict(),
       sample_videos=4,     # long videos written to WORKDIR/sample.* after the last stage (0: none)
       sample_seconds=0.0,  # their length at the final fps (0: the pipeline's default number of windows)
+      sample_fvd_clips=0,  # > 0: FVD of that many 16-frame clips cut from those videos vs held-out synthetic clips
   ))
 
 
@@ -292,6 +303,13 @@ def validate_generic(config: ConfigDict) -> None:
   for key in ("log_every_steps", "eval_every_steps", "sample_every_steps", "checkpoint_every_steps"):
     if int(config[key]) < 0:
       raise ValueError(f"config.{key}={config[key]} must be >= 0")
+  ec = config.evaluation
+  if int(ec.every_steps) < 0 or int(ec.num_videos) < 2 or int(ec.num_frames) < 9 or int(ec.batch_size) < 0:
+    raise ValueError(f"config.evaluation: every_steps={ec.every_steps} (>= 0), num_videos={ec.num_videos} (>= 2), "
+                     f"num_frames={ec.num_frames} (>= 9, I3D), batch_size={ec.batch_size} (>= 0) out of range")
+  if tuple(ec.metrics) != ("fvd",):
+    raise ValueError(f"config.evaluation.metrics={tuple(ec.metrics)}: training evaluates ('fvd',); the other "
+                     "metrics run offline with python -m videoldm_jax.evaluate")
   if not 0.0 <= float(config.ema_decay) < 1.0:
     raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1)")
   try:

@@ -86,7 +86,7 @@ class CLIPSIMAccumulator:
     from videoldm_jax.evaluation import clip_image  # pylint: disable=g-import-not-at-top
     self.clip_image = clip_image
     self.prompts = read_prompts(prompts_path, num_videos)
-    self.loaded = clip_image.load_clip(weights, variant)
+    self.loaded = clip_image.load_clip(weights, variant or None)  # None: the folder's config.json decides
     self.total, self.seen = 0.0, 0
 
   def update(self, videos: np.ndarray) -> None:
@@ -187,6 +187,8 @@ def evaluate(videos: str, reference: Optional[str] = None, *, metrics: Sequence[
     if m in metrics and not weights:
       raise ValueError(f"--metrics={m} needs {flag} (a weights file; nothing is downloaded)")
   ref_is_stats = bool(reference) and fvd_lib.is_stats_file(reference)
+  if noise_floor and "fvd" not in metrics:
+    raise ValueError("--noise_floor is the FVD of two reference sets: add fvd to --metrics")
   if noise_floor and (not reference or ref_is_stats):
     raise ValueError(f"--noise_floor needs reference videos (--reference={reference!r})")
   if save_reference_stats and (not reference or ref_is_stats):
@@ -327,7 +329,7 @@ def main(argv):
         i3d_weights=FLAGS.i3d_weights, cache_dir=FLAGS.cache_dir, fid_weights=FLAGS.fid_weights,
         c3d_weights=FLAGS.c3d_weights, clip_weights=FLAGS.clip_weights, clip_variant=FLAGS.clip_variant,
         prompts=FLAGS.prompts, is_splits=FLAGS.is_splits, synthetic_height=FLAGS.synthetic_height,
-        synthetic_width=FLAGS.synthetic_width, synthetic_fps=FLAGS.synthetic_fps, progress=not FLAGS.json)
+        synthetic_width=FLAGS.synthetic_width, synthetic_fps=FLAGS.synthetic_fps, progress=True)
   except (ValueError, FileNotFoundError) as e:
     logging.error("%s", e)
     sys.stderr.write(f"error: {e}\n")
@@ -356,7 +358,8 @@ def define_flags() -> None:
   flags.DEFINE_string("fid_weights", "", "FID Inception weights (pt_inception-2015-12-05 .pth / .safetensors).")
   flags.DEFINE_string("c3d_weights", "", "C3D UCF-101 weights for IS.")
   flags.DEFINE_string("clip_weights", "", "CLIP weights for CLIPSIM.")
-  flags.DEFINE_string("clip_variant", "vit_b32", "CLIP variant of --clip_weights.")
+  flags.DEFINE_string("clip_variant", "vit_b32", "CLIP variant of --clip_weights (vit_b32, vit_l14; empty: the "
+                      "weights folder's config.json).")
   flags.DEFINE_string("prompts", "", "CLIPSIM: text file, line i = prompt of video i.")
   flags.DEFINE_integer("is_splits", 10, "IS: number of splits.")
   flags.DEFINE_integer("synthetic_height", 128, "synthetic sources: frame height.")

@@ -111,7 +111,7 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
   if jax.process_index() == 0:
     paths = video_io.write_outputs(videos, output or os.path.join(workdir, "sample"), float(config.sampling.fps),
                                    upscale)
-  return dict(paths, videos=videos, stage_dir=stage_dir)
+  return dict(paths, videos=videos, fps=float(config.sampling.fps), stage_dir=stage_dir)
 
 
 def sample_pipeline(spec: str, *, num_samples: int = 4, seconds: Optional[float] = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -26,6 +27,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from videoldm_jax import aot, checkpoint, config_lib, optim, parallel, sampling, tasks, writers
+from videoldm_jax.evaluation import fvd
 
 FLAGS = flags.FLAGS
 
@@ -144,7 +146,8 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
 
   eval_fn = with_rules(lambda *a: dict(task.eval_metrics(*a), eval_loss=task.eval_loss(*a))) \
       if config.eval_every_steps else None
-  sample_fn = with_rules(task.sample_fn) if config.sample_every_steps else None
+  sample_fn = with_rules(task.sample_fn) if config.sample_every_steps or config.evaluation.every_steps else None
+  video_eval = VideoEvaluation(config, task, mesh, sample_fn, wd) if config.evaluation.every_steps else None
 
   # ----------------------------------------------------------------------------------------------------------
   # Loop. Step metrics stay on the device until a log step (or a checkpoint) fetches them all at once; every
@@ -213,8 +216,12 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
         writer.write_scalars(step, means)
       if eval_fn is not None and (step % config.eval_every_steps == 0 or is_last):
         evaluate(step)
-      if sample_fn is not None and (step % config.sample_every_steps == 0 or is_last):
+      if config.sample_every_steps and (step % config.sample_every_steps == 0 or is_last):
         _write_samples(sample_fn, state, frozen, eval_batch, sample_rng, wd, step, writer, config)
+      if video_eval is not None and (step % config.evaluation.every_steps == 0 or is_last):
+        metrics = video_eval(state, frozen, sample_rng)
+        eval_history.append(dict(metrics, step=step))
+        writer.write_scalars(step, metrics)
       stop = watcher.should_stop(step)
       if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or is_last or stop:
         save(step)
@@ -233,6 +240,38 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
       data.close()
   return TrainResult(state=state, frozen=frozen, task=task, step=step, history=history, eval_history=eval_history,
                      preempted=preempted, compile_seconds=stats.compile_seconds, memory=stats.memory)
+
+
+class VideoEvaluation:
+  """``config.evaluation``: FVD (README "Evaluation") of ``num_videos`` clips the EMA model samples for the
+  conditions of the fixed evaluation batch (clips at least ``num_frames`` long), against reference clips whose
+  statistics are computed once and kept in ``WORKDIR/fvd_reference.npz``. Extraction runs on the run's mesh."""
+
+  def __init__(self, config, task, mesh, sample_fn, wd: epath.Path):
+    ec = config.evaluation
+    self.num_videos, self.sample_fn = int(ec.num_videos), sample_fn
+    self.batch = task.fixed_batch(mesh, min_frames=int(ec.num_frames))
+    self.extractor = fvd.I3DFeatures(mesh=mesh, batch_size=int(ec.batch_size) or None, num_frames=int(ec.num_frames))
+    cache = wd / "fvd_reference.npz"
+    if cache.exists():
+      self.reference = fvd.load_reference_stats(str(cache), num_frames=int(ec.num_frames), num_videos=self.num_videos)
+    else:
+      fps = config.data.fps[0] if isinstance(config.data.fps, (tuple, list)) else config.data.fps
+      self.reference = fvd.reference_stats(ec.reference, self.num_videos, int(ec.num_frames), extractor=self.extractor,
+                                           data_dir=config.data.data_dir or None, height=int(config.data.height),
+                                           width=int(config.data.width), fps=float(fps))
+      if jax.process_index() == 0:
+        self.reference.save(str(cache), fvd.STATS_NAME,
+                            fvd.protocol_meta(int(ec.num_frames), self.reference.count, str(ec.reference)))
+
+  def __call__(self, state, frozen, rng) -> Dict[str, float]:
+    params = state.ema_params if state.ema_params is not None else state.params
+    videos, i = [], 0
+    while sum(len(v) for v in videos) < self.num_videos:
+      videos.append(parallel.to_host(self.sample_fn(params, frozen, self.batch, jax.random.fold_in(rng, i))))
+      i += 1
+    stats = self.extractor.stats(np.concatenate(videos)[:self.num_videos])
+    return {"eval_fvd": fvd.fvd_from_stats(stats, self.reference)}
 
 
 def _write_samples(sample_fn, state, frozen, batch, rng, wd: epath.Path, step: int, writer, config) -> None:
@@ -318,7 +357,36 @@ def train_chain(config, workdir: str) -> Dict[str, Optional[TrainResult]]:
                                   batch_size=int(config.sample_videos))
     logging.info("Chain: wrote %s, %s and %s in %.1fs", out.get("mp4"), out.get("gif"), out.get("png"),
                  time.time() - t0)
+    if int(config.sample_fvd_clips):
+      last = config.stages[config.chain[-1]]
+      closing_fvd(out["videos"], float(out["fps"]), int(config.sample_fvd_clips), wd,
+                  source=str(last.data.source), data_dir=str(last.data.data_dir) or None)
   return results
+
+
+def closing_fvd(videos: np.ndarray, fps: float, num_clips: int, wd: epath.Path, *, source: str = "synthetic",
+                data_dir: Optional[str] = None, num_frames: int = fvd.NUM_FRAMES) -> Dict[str, float]:
+  """FVD of ``num_clips`` non-overlapping ``num_frames``-frame clips cut evenly from the long ``videos``
+  ``[n, t, h, w, 3]`` against as many held-out real clips at the same fps and size, printed next to the FVD of two
+  disjoint real sets of that size (the noise floor: what "no difference" measures at this sample size), and
+  written to ``WORKDIR/fvd.json``."""
+  n, t = videos.shape[:2]
+  per_video = max(1, min(num_clips // n, t // num_frames))
+  starts = np.linspace(0, t - num_frames, per_video).round().astype(int)
+  clips = np.stack([videos[i, s:s + num_frames] for i in range(n) for s in starts])
+  extractor = fvd.I3DFeatures(num_frames=num_frames)
+  generated = extractor.stats(clips)
+  floor, reference, _ = fvd.noise_floor(source, len(clips), num_frames, extractor=extractor, data_dir=data_dir,
+                                        height=videos.shape[2], width=videos.shape[3], fps=fps)
+  out = {"fvd": fvd.fvd_from_stats(generated, reference), "noise_floor": floor, "num_clips": len(clips),
+         "num_frames": num_frames, "fps": fps}
+  message = (f"FVD of {len(clips)} clips ({num_frames} frames at {fps:g} fps) of the sampled videos vs held-out "
+             f"{source} clips: {out['fvd']:.1f}; real vs real at this sample size (noise floor): {floor:.1f}")
+  logging.info("Chain: %s", message)
+  if jax.process_index() == 0:
+    print(message)
+    (wd / "fvd.json").write_text(json.dumps(out, indent=2))
+  return out
 
 
 def _quiet_library_logs() -> None:

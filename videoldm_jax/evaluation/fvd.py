@@ -4,9 +4,9 @@ The FVD protocol (one implementation, used by the CLI, the training loop and the
 
 1. **Frames**: the first ``num_frames`` (default 16) frames of each video, at the video's own frame rate (no
    resampling). A video with fewer frames is an error that names it (its file name when it came from a file).
-2. **Resize**: every frame to 224x224 with ``jax.image.resize(method="bilinear", antialias=False)`` (half-pixel
-   centres; no low-pass filter when shrinking, like TF's ``resize_bilinear`` in the original FVD code; aspect
-   ratio not kept). Frames already 224x224 are not resampled.
+2. **Resize**: every frame to 224x224 with ``jax.image.resize(method="bilinear", antialias=False)``: no low-pass
+   filter when shrinking, like TF1's ``resize_bilinear`` in the original FVD code, but half-pixel centres (which
+   that op lacks); aspect ratio not kept. Frames already 224x224 are not resampled.
 3. **Range**: uint8 ``x`` -> ``x / 127.5 - 1`` in [-1, 1] (after the resize, on float32 values).
 4. **Features**: the 400 Kinetics logits of I3D (``evaluation.i3d``, the TF-Hub ``i3d-kinetics-400`` model),
    averaged over time by the network, computed in float32 with full-precision convolutions.
@@ -105,7 +105,7 @@ def protocol_meta(num_frames: int, num_videos: int, source: str = "") -> Dict[st
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Multi-host helpers.
+# Multi-host reductions.
 # ----------------------------------------------------------------------------------------------------------------
 
 def _allgather_int(values: Sequence[int]) -> np.ndarray:
@@ -178,7 +178,8 @@ class ShardedFeatures:
   ``batch_size`` is the global number of videos per step (all processes together), rounded up to a multiple of
   the data-parallel size; each process contributes ``batch_size / process_count`` of them. Short batches are
   padded with black videos and trimmed, so every frame size compiles once. Results come back as float64 on the
-  host. With several processes every call is collective: all processes call it, each with its own videos.
+  host. With several processes every call is collective: all processes call it, each with its own videos (a
+  process that raises, e.g. on a too-short video, leaves the others waiting; check inputs before a pod run).
   """
 
   def __init__(self, fn: Callable[[Any, jax.Array], jax.Array], params: Any, dim: int, *,
@@ -450,8 +451,9 @@ def tfds_source(spec: str, data_dir: Optional[str], *, num_frames: int = NUM_FRA
   try:
     data = pipeline_lib.open_tfds_source(name, data_dir or "", split)
   except Exception as e:  # TFDS raises its own DatasetNotFoundError / AssertionError types
-    raise FileNotFoundError(f"TFDS dataset {name!r} split {split!r} not found in data_dir={data_dir!r} "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    raise FileNotFoundError(f"{spec}: no such folder, and no TFDS dataset {name!r} with split {split!r} in "
+                            f"data_dir={data_dir!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                            ) from None
   source = VideoSource(spec, "tfds", lambda index, count: iter(()))
 
   def iterate(index: int, count: int) -> Iterator[Video]:

@@ -103,6 +103,9 @@ def validate(config) -> None:
   cls = get(config.stage)
   config_lib.check_keys(config, default_config(config.stage), cls.free_form)
   config_lib.validate_generic(config)
+  if int(config.evaluation.every_steps) and not cls.samples_videos(config.stage):
+    raise ValueError(f"config.evaluation.every_steps={config.evaluation.every_steps}: stage {config.stage!r} does "
+                     "not sample videos to evaluate")
   cls.validate_config(config)
 
 
@@ -123,5 +126,7 @@ def _validate_chain(config) -> None:
       raise ValueError(f"config.stages.{s}: {e}") from None
   if int(config.sample_videos) < 0:
     raise ValueError(f"config.sample_videos={config.sample_videos} must be >= 0")
+  if int(config.sample_fvd_clips) and int(config.sample_fvd_clips) < 2:
+    raise ValueError(f"config.sample_fvd_clips={config.sample_fvd_clips} must be 0 or >= 2")
   if float(config.sample_seconds) < 0:
     raise ValueError(f"config.sample_seconds={config.sample_seconds} must be >= 0")

@@ -36,6 +36,13 @@ class Task:
     return None
 
   @classmethod
+  def samples_videos(cls, stage: str) -> bool:
+    """True when ``sample_fn`` makes videos (clips of any length from ``fixed_batch(mesh, min_frames)``), so the
+    loop can evaluate them with video metrics (``config.evaluation``)."""
+    del stage
+    return False
+
+  @classmethod
   def validate_config(cls, config) -> None:
     """Static checks of the stage's settings; raises ``ValueError`` naming the key."""
     del config

@@ -170,6 +170,10 @@ class LatentDiffusionTask(Task):
 
   # ----- declaration --------------------------------------------------------------------------------------------
   @classmethod
+  def samples_videos(cls, stage: str) -> bool:
+    return stage != "image"
+
+  @classmethod
   def pipeline_order(cls, stage: str) -> Optional[int]:
     return 0 if stage == "base" else None  # the key frames' first window; the image model is no pipeline stage
 
@@ -302,11 +306,18 @@ class LatentDiffusionTask(Task):
     ``labels`` / ``caption_ids``, ``cond_mask``."""
     return iter(self._dataset(mesh, self._data_config()))
 
-  def fixed_batch(self, mesh):
-    """A deterministic batch (own seed, no conditioning dropout) for eval loss and sample conditioning."""
+  def fixed_batch(self, mesh, min_frames: int = 0):
+    """A deterministic batch (own seed, no conditioning dropout) for eval loss and sample conditioning; with
+    ``min_frames`` its clips are long enough for a video metric (``clip_frames``; the temporal layers take any
+    length)."""
+    frames = self.clip_frames(max(int(min_frames), int(self.config.data.num_frames))) if min_frames else None
     cfg = self._data_config(seed=int(self.config.data.seed) + 1_000_003, cond_drop_prob=0.0, read_threads=1,
-                            prefetch=1, num_workers=0)
+                            prefetch=1, num_workers=0, **({"num_frames": frames} if frames else {}))
     return next(iter(self._dataset(mesh, cfg)))
+
+  def clip_frames(self, at_least: int) -> int:
+    """The shortest clip length >= ``at_least`` this stage samples."""
+    return int(at_least)
 
   def abstract_batch(self, batch_size: int, inputs: Optional[str] = None) -> Dict[str, Any]:
     """``latents`` ``[b, t, h/f, w/f, c]`` (``inputs="latents"``, pre-encoded) or ``video`` ``[b, t, h, w, 3]``

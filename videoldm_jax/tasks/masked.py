@@ -32,6 +32,7 @@ training) and exactly at the end; context guidance ``f(∅) + s (f(c_S) - f(∅)
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Dict, Optional
 
 import jax
@@ -200,6 +201,13 @@ class MaskedTask(LatentDiffusionTask):
     weight = jnp.ones_like(mask) if self.config.masked.loss_on_known else 1.0 - mask
     loss = jnp.sum(weight * err) / jnp.maximum(jnp.sum(weight), 1.0)
     return loss, dict(self.aux_metrics(trainable), known_frames=jnp.mean(jnp.sum(mask, axis=1)))
+
+  def clip_frames(self, at_least: int) -> int:
+    """The interpolator's windows are ``stride (K - 1) + 1`` frames long."""
+    if not self.interpolator:
+      return int(at_least)
+    stride = int(self.config.masked.stride)
+    return stride * math.ceil((int(at_least) - 1) / stride) + 1
 
   # ----- long-video pipeline ------------------------------------------------------------------------------------
   def pipeline_step(self, trainable, frozen) -> pipeline.Step:

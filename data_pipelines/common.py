@@ -14,7 +14,6 @@ the dataset info (``info.metadata["skipped"]``); a dataset without a single usab
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -31,6 +30,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
 from videoldm_jax.data import video as video_lib
+from videoldm_jax.data.skips import SkipCounter
 from videoldm_jax.data.video import VideoDecodeError
 
 TRAIN, VALIDATION = "train", "validation"
@@ -47,35 +47,6 @@ class NoUsableVideosError(ValueError):
 
 # ----------------------------------------------------------------------------------------------------------
 # Skip accounting.
-
-class SkipCounter:
-  """Counts skipped inputs by reason, keeping a few example names per reason for the report."""
-
-  def __init__(self):
-    self.counts: Dict[str, int] = collections.Counter()
-    self.examples: Dict[str, List[str]] = collections.defaultdict(list)
-
-  def add(self, reason: str, name: str, detail: str = "") -> None:
-    self.counts[reason] += 1
-    if len(self.examples[reason]) < 3:
-      self.examples[reason].append(f"{name}{': ' + detail if detail else ''}")
-    logging.info("skipping %s: %s %s", name, reason, detail)
-
-  @property
-  def total(self) -> int:
-    return sum(self.counts.values())
-
-  def as_dict(self) -> Dict[str, int]:
-    return dict(sorted(self.counts.items()))
-
-  def report(self) -> str:
-    if not self.counts:
-      return "no inputs skipped"
-    lines = [f"skipped {self.total} input(s):"]
-    for reason, n in sorted(self.counts.items(), key=lambda kv: -kv[1]):
-      lines.append(f"  {reason}: {n} (e.g. {'; '.join(self.examples[reason])})")
-    return "\n".join(lines)
-
 
 def check_utf8(text: str) -> bool:
   """True when ``text`` (read with errors='surrogateescape') holds no undecodable bytes."""

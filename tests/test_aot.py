@@ -95,8 +95,8 @@ def test_multislice_devices(name, num_slices):
 # ---------------------------------------------------------------------------------------------------------------
 # Out of memory: messages laid out as libtpu prints them (first line, then the usage breakdown).
 
-HBM_OOM = """RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 40.50G of 31.25G hbm. Exceeded hbm capacity by 9.25G.
-
+HBM_OOM = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 40.50G of "
+           "31.25G hbm. Exceeded hbm capacity by 9.25G.\n" + """
 Total hbm usage >= 41.75G:
     reserved          1.25G
     program          40.50G
@@ -108,7 +108,7 @@ Program hbm requirement 40.50G:
     global           12.00M
     scoped            3.50M
     HLO temp         40.48G (100.0% utilization: Unpadded (40.40G) Padded (40.40G), 0.2% fragmentation (80.00M))
-"""
+""")
 TEMP_OOM = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (512.00M) "
             "exceeds available HBM (384.00M).\n  Largest program allocations in hbm: ...")
 VMEM_OOM = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space vmem. Used 32.42M "

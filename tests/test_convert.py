@@ -1,11 +1,13 @@
 """The converter CLI end to end: sources, output format, strictness, safety, round trip."""
 
+import functools
 import json
 import os
 import pickle
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -282,11 +284,14 @@ def test_single_file_samples_like_the_pipeline_folder(compvis_case, tmp_path):
   x_T = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
   context = rng.standard_normal((1, 77, 768)).astype(np.float32)
 
-  def sample(params, schedule):
+  @functools.partial(jax.jit, static_argnums=2)  # one compile when both conversions agree
+  def ddim(params, schedule, config):
     model_fn = lambda x, t: unet.apply({"params": params}, x, t, context)  # noqa: E731
-    return np.asarray(diffusion.ddim_sample(
-        model_fn, x_T, diffusion.from_diffusers_scheduler_config(schedule), 4,
-        config=diffusion.DDIMConfig.from_diffusers_scheduler_config(schedule)))
+    return diffusion.ddim_sample(model_fn, x_T, schedule, 4, config=config)
+
+  def sample(params, schedule):
+    return np.asarray(ddim(params, diffusion.from_diffusers_scheduler_config(schedule),
+                           diffusion.DDIMConfig.from_diffusers_scheduler_config(schedule)))
 
   np.testing.assert_array_equal(sample(single_params["unet"], single_schedule),
                                 sample(folder_params["unet"], folder_schedule))

@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 
 from configs import rds
-from videoldm_jax import aot, checkpoint, optim, parallel, plan, tasks, train
+from videoldm_jax import aot, checkpoint, optim, parallel, plan, tasks
 from videoldm_jax.models import layers
 from videoldm_jax.models import unet as unet_lib
 

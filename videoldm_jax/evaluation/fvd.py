@@ -49,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from videoldm_jax import parallel
 from videoldm_jax.data import synthetic as synthetic_lib
 from videoldm_jax.data import video as video_lib
+from videoldm_jax.data.skips import SkipCounter
 from videoldm_jax.evaluation import i3d as i3d_lib
 from videoldm_jax.evaluation import statistics
 
@@ -324,40 +325,13 @@ class I3DFeatures(ShardedFeatures):
 # Video sources. Each yields this process's share of ``(name, uint8 [>= num_frames, h, w, 3])`` in a fixed order.
 # ----------------------------------------------------------------------------------------------------------------
 
-class Skips:
-  """Inputs skipped while reading a source, by reason (with a few example names)."""
-
-  def __init__(self):
-    self.counts: Dict[str, int] = collections.Counter()
-    self.examples: Dict[str, List[str]] = collections.defaultdict(list)
-
-  def add(self, reason: str, name: str) -> None:
-    self.counts[reason] += 1
-    if len(self.examples[reason]) < 3:
-      self.examples[reason].append(name)
-    logging.warning("skipping %s: %s", name, reason)
-
-  @property
-  def total(self) -> int:
-    return sum(self.counts.values())
-
-  def as_dict(self) -> Dict[str, int]:
-    return dict(sorted(self.counts.items()))
-
-  def report(self) -> str:
-    if not self.counts:
-      return "no videos skipped"
-    return f"skipped {self.total} video(s): " + "; ".join(
-        f"{r}: {n} (e.g. {', '.join(self.examples[r])})" for r, n in sorted(self.counts.items()))
-
-
 @dataclasses.dataclass
 class VideoSource:
   """A named, ordered collection of videos; ``iterate(index, count)`` yields process ``index``'s share."""
   spec: str
   kind: str  # folder | tfds | synthetic | workdir | arrays
   iterate: Callable[[int, int], Iterator[Video]]
-  skips: Skips = dataclasses.field(default_factory=Skips)
+  skips: SkipCounter = dataclasses.field(default_factory=SkipCounter)
 
   def videos(self) -> Iterator[Video]:
     return self.iterate(jax.process_index(), jax.process_count())

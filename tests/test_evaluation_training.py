@@ -1,0 +1,50 @@
+"""Video metrics inside training: ``config.evaluation`` computes FVD of EMA samples against cached reference
+statistics and logs it with the evaluation loss; the default chain's closing FVD cuts clips from its long videos
+and reports them next to the real-vs-real noise floor."""
+
+import functools
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import rds
+from videoldm_jax import parallel, tasks, train
+from videoldm_jax.evaluation import fvd
+
+
+@pytest.fixture(autouse=True)
+def one_device(monkeypatch):
+  """The mesh is not under test here (test_evaluation_fvd shards extraction over 8 devices)."""
+  monkeypatch.setattr(parallel, "make_mesh", functools.partial(parallel.make_mesh, devices=jax.devices()[:1]))
+
+
+def test_fvd_during_training(tmp_path):
+  config = rds.get_config("stage=base,runlocal")
+  config.batch_size, config.total_steps = 2, 2
+  config.eval_every_steps = config.sample_every_steps = config.checkpoint_every_steps = 0
+  config.cpu_fast_compile = True
+  config.sampling.num_steps, config.sampling.num_samples = 1, 2
+  config.data.height, config.data.width = 16, 32
+  config.evaluation.every_steps = 2
+  config.evaluation.num_videos = 2
+  config.evaluation.num_frames = 9  # longer than the 8-frame training clips: sampled at 9
+  res = train.train_and_evaluate(config, str(tmp_path))
+  (row,) = res.eval_history
+  assert row["step"] == 2 and np.isfinite(row["eval_fvd"]) and row["eval_fvd"] > 0
+  cached = fvd.load_reference_stats(str(tmp_path / "fvd_reference.npz"), num_frames=9, num_videos=2)
+  assert cached.count == 2
+  image = rds.get_config("stage=image,runlocal")
+  image.evaluation.every_steps = 10
+  with pytest.raises(ValueError, match=r"config\.evaluation\.every_steps=10: stage 'image'"):
+    tasks.validate(image)
+
+
+def test_closing_fvd_of_long_videos(tmp_path, capsys):
+  videos = fvd.synthetic_videos(2, 30, 16, 32, seed=7, fps=30.0)  # two "long" videos of 30 frames
+  out = train.closing_fvd(videos, 30.0, 4, tmp_path, num_frames=9)
+  assert out["num_clips"] == 4 and np.isfinite(out["fvd"]) and np.isfinite(out["noise_floor"])
+  assert json.loads((tmp_path / "fvd.json").read_text()) == pytest.approx(out)
+  printed = capsys.readouterr().out
+  assert "FVD of 4 clips (9 frames at 30 fps)" in printed and "noise floor" in printed

@@ -6,6 +6,7 @@ import functools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,10 +15,25 @@ from videoldm_jax import parallel, tasks, train
 from videoldm_jax.evaluation import fvd
 
 
+class _MeanColourFeatures(fvd.ShardedFeatures):
+  """Per-frame mean colours through the same sharded streaming path: a cheap stand-in for I3D, whose network and
+  FVD protocol are tested in test_evaluation_i3d / test_evaluation_fvd; here the plumbing is under test."""
+
+  def __init__(self, *, mesh=None, batch_size=None, num_frames=fvd.NUM_FRAMES, **unused):
+    del unused
+    def fn(scale, videos):  # [b, t, h, w, 3] -> [b, 400]: the frames' mean colours, tiled to I3D's width
+      colours = scale * jnp.mean(videos[:, :num_frames].astype(jnp.float32), axis=(2, 3)).reshape(len(videos), -1)
+      return jnp.tile(colours, (1, -(-fvd.FEATURE_DIM // colours.shape[1])))[:, :fvd.FEATURE_DIM]
+
+    super().__init__(fn, jnp.float32(1.0 / 255), fvd.FEATURE_DIM, mesh=mesh, batch_size=batch_size,
+                     num_frames=num_frames)
+
+
 @pytest.fixture(autouse=True)
-def one_device(monkeypatch):
-  """The mesh is not under test here (test_evaluation_fvd shards extraction over 8 devices)."""
+def cheap_features_one_device(monkeypatch):
+  """The mesh is not under test here (test_evaluation_fvd shards extraction over 8 devices), nor is I3D."""
   monkeypatch.setattr(parallel, "make_mesh", functools.partial(parallel.make_mesh, devices=jax.devices()[:1]))
+  monkeypatch.setattr(fvd, "I3DFeatures", _MeanColourFeatures)
 
 
 def test_fvd_during_training(tmp_path):

@@ -322,8 +322,12 @@ def restore_or_init(config, workdir: str, init_fn: Callable, rng: jax.Array, mes
   missing = sorted(k for k in needed if k not in values)
   if missing:
     fresh_shardings = {k: abstract_flat[k].sharding for k in missing}
-    init_missing = jax.jit(lambda r: {k: optim.flat_paths(nn.meta.unbox(init_fn(r)))[k] for k in missing},
-                           out_shardings=fresh_shardings, compiler_options=compiler_options)
+
+    def init_missing_fn(r):
+      flat = optim.flat_paths(nn.meta.unbox(init_fn(r)))
+      return {k: flat[k] for k in missing}
+
+    init_missing = jax.jit(init_missing_fn, out_shardings=fresh_shardings, compiler_options=compiler_options)
     values.update(init_missing(rng))
   trainable = traverse_util.unflatten_dict({k: v for k, v in values.items() if k in trainable_keys}, sep=SEP)
   frozen_flat = {k: v for k, v in values.items() if k not in trainable_keys}

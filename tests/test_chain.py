@@ -32,7 +32,9 @@ def _overrides():
   for name, steps in STEPS.items():
     p = f"--config.stages.{name}."
     flags += [f"{p}total_steps={steps}", f"{p}eval_every_steps=0", f"{p}sample_every_steps=0",
-              f"{p}checkpoint_every_steps=0", f"{p}cpu_fast_compile=True", f"{p}sampling.num_steps=2"]
+              f"{p}checkpoint_every_steps=0", f"{p}cpu_fast_compile=True"]
+    if name != "autoencoder":  # DDIM steps: a setting of the diffusion stages only
+      flags.append(f"{p}sampling.num_steps=2")
   flags += ["--config.stages.autoencoder.autoencoder.disc_weight=0.0",
             f"--config.stages.base.data.num_frames={BASE_FRAMES}",
             f"--config.stages.predictor.data.num_frames={BASE_FRAMES}",

@@ -29,7 +29,9 @@ import typing
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
+from absl import flags
 
+from videoldm_jax import cli
 from videoldm_jax.conversion import io as ckpt_io
 from videoldm_jax.conversion.core import ConversionError, PrefixSource, TensorSource
 
@@ -422,11 +424,7 @@ def _dtype(name: str):
 
 # ----------------------------------------------------------------------------------------------------------
 # CLI (absl flags: videoldm_jax.cli).
-
-from absl import flags  # noqa: E402  pylint: disable=g-import-not-at-top
-
-from videoldm_jax import cli  # noqa: E402  pylint: disable=g-import-not-at-top
-
+# ----------------------------------------------------------------------------------------------------------
 
 def define_flags(fv: flags.FlagValues) -> None:
   """The command's flags, defined in ``fv`` (the global FLAGS when run as a program)."""

@@ -144,6 +144,10 @@ def get_config(arg=None):
     if a.stage == "autoencoder":
       c.optimizer.lr = 1e-3
       c.autoencoder.disc_start = 30
+      # LDM's weight 0.5 (x an adaptive factor of ~800 here) turns the decoder into stripes before reconstruction
+      # has converged (held-out PSNR 23.5 dB vs 25.2 dB without it); at 0.05 the GAN still learns (d_loss 0.99 ->
+      # 0.24) and the decoder stays smooth (25.2 dB; mean-frame baseline 15.0 dB).
+      c.autoencoder.disc_weight = 0.05
       c.autoencoder.discriminator = dict(ndf=8, n_layers=2)
     elif a.stage == "image":
       c.total_steps = 60

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from videoldm_jax.conversion.core import (ConversionError, PrefixSource, RenamedSource, TensorSource,
-                                          convert_strict, export_torch)
+from videoldm_jax.conversion.core import (ConversionError, FilteredSource, PrefixSource, RenamedSource,
+                                          TensorSource, convert_strict, export_torch)
 from videoldm_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
 
 COMPVIS_CLIP_PREFIX = "cond_stage_model.transformer."
@@ -38,25 +38,6 @@ POSITION_IDS_KEY = "embeddings.position_ids"
 HEAD_DIM = 64  # every SD text encoder (ViT-L/14: 768/12, ViT-H/14: 1024/16, bigG: 1280/20)
 
 _LAYER_RE = re.compile(r"^encoder\.layers\.(\d+)\.")
-_RESBLOCK_RE = re.compile(r"^transformer\.resblocks\.(\d+)\.")
-
-
-class _DropSource(TensorSource):
-  """``source`` without the listed keys (explicit, documented drops only)."""
-
-  def __init__(self, source: TensorSource, drop: Sequence[str]):
-    self.source, self.name = source, source.name
-    drop = set(drop)
-    self._keys = [k for k in source.keys() if k not in drop]
-
-  def keys(self):
-    return list(self._keys)
-
-  def shape(self, key):
-    return self.source.shape(key)
-
-  def _read(self, key):
-    return self.source._read(key)
 
 
 def abstract_clip_params(config: CLIPTextConfig) -> Mapping:
@@ -90,7 +71,7 @@ def convert_clip_text(source: TensorSource, config: CLIPTextConfig, dtype=np.flo
     if not np.array_equal(ids, np.arange(ids.size, dtype=ids.dtype)):
       logging.warning("%s: stored %s are not 0..%d (max deviation %g); the model uses arange positions.",
                       source.name, POSITION_IDS_KEY, ids.size - 1, float(np.max(np.abs(ids - np.arange(ids.size)))))
-    source = _DropSource(source, [POSITION_IDS_KEY])
+    source = FilteredSource(source, lambda k: k != POSITION_IDS_KEY)
   return convert_strict(source, abstract_clip_params(config), dtype=dtype, what="CLIP text encoder")
 
 
@@ -123,8 +104,8 @@ def openclip_text_source(source: TensorSource, prefix: Optional[str] = None,
   view: TensorSource = PrefixSource(source, prefix)
   if not view.keys():
     raise ConversionError(f"{source.name}: no '{prefix}*' keys (not an OpenCLIP / SD 2.x file?)")
-  dropped = [k for k in view.keys() if any(k == d or (d.endswith(".") and k.startswith(d)) for d in drop)]
-  view = _DropSource(view, dropped)
+  dropped = {k for k in view.keys() if any(k == d or (d.endswith(".") and k.startswith(d)) for d in drop)}
+  view = FilteredSource(view, lambda k: k not in dropped)
   keys = set(view.keys())
 
   renames: Dict[str, str] = {}
@@ -142,15 +123,28 @@ def openclip_text_source(source: TensorSource, prefix: Optional[str] = None,
     width, proj = view.shape("text_projection")
     derived["text_projection.weight"] = ("text_projection", lambda a: a.T, (proj, width))
 
-  layers = sorted({int(m.group(1)) for k in keys if (m := _RESBLOCK_RE.match(k))})
-  for i in layers:
-    old, new = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
+  openclip_block_names(view, "transformer.resblocks.", "", renames, derived)
+  if "embeddings.token_embedding.weight" not in renames:
+    raise ConversionError(f"{source.name}: no OpenCLIP text tower keys ('{prefix}token_embedding.weight')")
+  out = RenamedSource(view, renames, derived)
+  out.clip_layout = "openclip"
+  return out
+
+
+def openclip_block_names(view: TensorSource, old_prefix: str, new_prefix: str, renames: Dict[str, str],
+                         derived: Dict[str, Tuple[str, object, Tuple[int, ...]]]) -> None:
+  """Adds to ``renames`` / ``derived`` the transformers names of OpenCLIP residual blocks
+  ``{old_prefix}{i}.*`` (``ln_1``, ``attn``, ``mlp.c_fc`` ...) as ``{new_prefix}encoder.layers.{i}.*``; the fused
+  ``attn.in_proj_weight/bias`` ``[3d, ...]`` are split into ``q_proj`` / ``k_proj`` / ``v_proj``."""
+  keys = set(view.keys())
+  blocks = re.compile(re.escape(old_prefix) + r"(\d+)\.")
+  for i in sorted({int(m.group(1)) for k in keys if (m := blocks.match(k))}):
+    old, new = f"{old_prefix}{i}.", f"{new_prefix}encoder.layers.{i}."
     for leaf in ("weight", "bias"):
-      rename(f"{new}layer_norm1.{leaf}", f"{old}ln_1.{leaf}")
-      rename(f"{new}layer_norm2.{leaf}", f"{old}ln_2.{leaf}")
-      rename(f"{new}self_attn.out_proj.{leaf}", f"{old}attn.out_proj.{leaf}")
-      rename(f"{new}mlp.fc1.{leaf}", f"{old}mlp.c_fc.{leaf}")
-      rename(f"{new}mlp.fc2.{leaf}", f"{old}mlp.c_proj.{leaf}")
+      for ours, theirs in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
+                           ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+        if f"{old}{theirs}.{leaf}" in keys:
+          renames[f"{new}{ours}.{leaf}"] = f"{old}{theirs}.{leaf}"
       fused = f"{old}attn.in_proj_{leaf}"
       if fused in keys:
         shape = view.shape(fused)
@@ -158,11 +152,6 @@ def openclip_text_source(source: TensorSource, prefix: Optional[str] = None,
         for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
           derived[f"{new}self_attn.{name}.{leaf}"] = (fused, lambda a, j=j, d=d: a[j * d:(j + 1) * d],
                                                       (d,) + tuple(shape[1:]))
-  if "embeddings.token_embedding.weight" not in renames:
-    raise ConversionError(f"{source.name}: no OpenCLIP text tower keys ('{prefix}token_embedding.weight')")
-  out = RenamedSource(view, renames, derived)
-  out.clip_layout = "openclip"
-  return out
 
 
 def _clip_view(source: TensorSource) -> TensorSource:

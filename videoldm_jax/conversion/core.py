@@ -112,6 +112,24 @@ class TensorSource:
     return key in set(self.keys())
 
 
+class FilteredSource(TensorSource):
+  """The keys of ``source`` for which ``keep(key)`` holds (explicit, documented drops / sub-models only: every
+  other key stays visible and fails strict conversion)."""
+
+  def __init__(self, source: TensorSource, keep: Callable[[str], bool]):
+    self.source, self.name = source, source.name
+    self._keys = [k for k in source.keys() if keep(k)]
+
+  def keys(self) -> List[str]:
+    return list(self._keys)
+
+  def shape(self, key: str) -> Tuple[int, ...]:
+    return self.source.shape(key)
+
+  def _read(self, key: str) -> np.ndarray:
+    return self.source._read(key)  # pylint: disable=protected-access
+
+
 class DictSource(TensorSource):
   """In-memory tensors (numpy arrays or torch tensors)."""
 

@@ -48,9 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from videoldm_jax.conversion.clip import abstract_clip_params, clip_config_from_compvis, openclip_text_source
-from videoldm_jax.conversion.core import (ConversionError, DictSource, RenamedSource, TensorSource, convert_strict,
-                                          default_torch_key)
+from videoldm_jax.conversion.clip import (abstract_clip_params, clip_config_from_compvis, openclip_block_names,
+                                          openclip_text_source)
+from videoldm_jax.conversion.core import (ConversionError, DictSource, FilteredSource, RenamedSource, TensorSource,
+                                          convert_strict, default_torch_key)
 from videoldm_jax.conversion.io import open_checkpoint
 from videoldm_jax.models import tokenizer as clip_tokenizer
 from videoldm_jax.models.clip import ACTIVATIONS, CLIPEncoder, CLIPTextConfig, CLIPTextEncoder
@@ -225,23 +226,6 @@ def abstract_params(config: CLIPModelConfig) -> Dict:
 # ----------------------------------------------------------------------------------------------------------
 # Tensor-source plumbing.
 
-class _Subset(TensorSource):
-  """The keys of ``source`` for which ``keep(key)`` holds."""
-
-  def __init__(self, source: TensorSource, keep: Callable[[str], bool]):
-    self.source, self.name = source, source.name
-    self._keys = [k for k in source.keys() if keep(k)]
-
-  def keys(self):
-    return list(self._keys)
-
-  def shape(self, key):
-    return self.source.shape(key)
-
-  def _read(self, key):
-    return self.source._read(key)
-
-
 class _Union(TensorSource):
   """Disjoint union of views (a key in two of them is a bug in the caller)."""
 
@@ -276,7 +260,7 @@ def _prepared(source: Union[TensorSource, Mapping[str, object]]) -> TensorSource
   if not isinstance(source, TensorSource):
     source = DictSource(source)
   source = _strip_module_prefix(source)
-  return _Subset(source, lambda k: k not in DROPPED_KEYS and not k.endswith(POSITION_IDS_SUFFIX))
+  return FilteredSource(source, lambda k: k not in DROPPED_KEYS and not k.endswith(POSITION_IDS_SUFFIX))
 
 
 def transformers_key(path: Tuple[str, ...]) -> str:
@@ -294,13 +278,10 @@ def convert_clip_transformers(source: Union[TensorSource, Mapping[str, object]],
                         what="CLIP")
 
 
-_RESBLOCK_RE = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.")
-
-
 def _openclip_vision_view(source: TensorSource) -> TensorSource:
   """The ``visual.*`` keys of an OpenCLIP checkpoint under ``transformers.CLIPModel`` names (unknown ``visual.*``
   keys keep their names and fail strict conversion)."""
-  visual = _Subset(source, lambda k: k.startswith("visual."))
+  visual = FilteredSource(source, lambda k: k.startswith("visual."))
   keys = set(visual.keys())
   renames: Dict[str, str] = {}
   derived: Dict[str, Tuple[str, Callable[[np.ndarray], np.ndarray], Tuple[int, ...]]] = {}
@@ -318,21 +299,7 @@ def _openclip_vision_view(source: TensorSource) -> TensorSource:
   if "visual.proj" in keys:  # used as ``x @ proj`` ([d, proj]); a Linear weight is [proj, d]
     width, proj = visual.shape("visual.proj")
     derived[VISUAL_PROJECTION] = ("visual.proj", lambda a: a.T, (proj, width))
-  for i in sorted({int(m.group(1)) for k in keys if (m := _RESBLOCK_RE.match(k))}):
-    old, new = f"visual.transformer.resblocks.{i}.", f"encoder.layers.{i}."
-    for leaf in ("weight", "bias"):
-      rename(f"{new}layer_norm1.{leaf}", f"{old}ln_1.{leaf}")
-      rename(f"{new}layer_norm2.{leaf}", f"{old}ln_2.{leaf}")
-      rename(f"{new}self_attn.out_proj.{leaf}", f"{old}attn.out_proj.{leaf}")
-      rename(f"{new}mlp.fc1.{leaf}", f"{old}mlp.c_fc.{leaf}")
-      rename(f"{new}mlp.fc2.{leaf}", f"{old}mlp.c_proj.{leaf}")
-      fused = f"{old}attn.in_proj_{leaf}"
-      if fused in keys:
-        shape = visual.shape(fused)
-        d = shape[0] // 3
-        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-          derived[f"{VISION_PREFIX}{new}self_attn.{name}.{leaf}"] = (
-              fused, lambda a, j=j, d=d: a[j * d:(j + 1) * d], (d,) + tuple(shape[1:]))
+  openclip_block_names(visual, "visual.transformer.resblocks.", VISION_PREFIX, renames, derived)
   return RenamedSource(visual, renames, derived)
 
 
@@ -351,7 +318,7 @@ def openclip_source(source: Union[TensorSource, Mapping[str, object]]) -> Tensor
   source = _prepared(source)
   if "visual.conv1.weight" not in source.keys():
     raise ConversionError(f"{source.name}: no OpenCLIP ViT image tower ('visual.conv1.weight')")
-  text = _Subset(source, lambda k: not k.startswith("visual."))
+  text = FilteredSource(source, lambda k: not k.startswith("visual."))
   return _Union(_openclip_text_view(text), _openclip_vision_view(source))
 
 
@@ -466,7 +433,7 @@ def openclip_config(source: Union[TensorSource, Mapping[str, object]], hidden_ac
       intermediate_size=view.shape(VISION_PREFIX + "encoder.layers.0.mlp.fc1.weight")[0],
       num_hidden_layers=1 + max(int(m.group(1)) for k in view.keys() if (m := layer_re.match(k))),
       num_attention_heads=width // head_dim, hidden_act=hidden_act, projection_dim=view.shape(VISUAL_PROJECTION)[0])
-  text = clip_config_from_compvis(openclip_text_source(_Subset(source, lambda k: not k.startswith("visual.")),
+  text = clip_config_from_compvis(openclip_text_source(FilteredSource(source, lambda k: not k.startswith("visual.")),
                                                        prefix="", drop=()))
   text = dataclasses.replace(text, hidden_act=hidden_act, output_layer=-1)  # CLIPSIM pools the last block
   return CLIPModelConfig(vision=vision, text=text)

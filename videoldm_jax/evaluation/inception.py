@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from videoldm_jax.conversion.core import DictSource, TensorSource, convert_strict
+from videoldm_jax.conversion.core import DictSource, FilteredSource, TensorSource, convert_strict
 from videoldm_jax.conversion.io import open_checkpoint
 
 INPUT_SIZE = 299
@@ -263,23 +263,6 @@ def torch_key(path: Tuple[str, ...]) -> str:
   return ".".join([*modules, _LEAF_TO_TORCH.get(leaf, leaf)])
 
 
-class _WithoutBatchCounters(TensorSource):
-  """``source`` without BatchNorm ``num_batches_tracked`` buffers (the only keys dropped)."""
-
-  def __init__(self, source: TensorSource):
-    self.source, self.name = source, source.name
-    self._keys = [k for k in source.keys() if k.rsplit(".", 1)[-1] != NUM_BATCHES_TRACKED]
-
-  def keys(self):
-    return list(self._keys)
-
-  def shape(self, key):
-    return self.source.shape(key)
-
-  def _read(self, key):
-    return self.source._read(key)
-
-
 def convert_fid_inception(source: Union[TensorSource, Mapping[str, object]], dtype=np.float32) -> Dict:
   """FID InceptionV3 state dict (pytorch-fid / torch-fidelity keys) -> params of :class:`FIDInceptionV3`.
 
@@ -289,7 +272,7 @@ def convert_fid_inception(source: Union[TensorSource, Mapping[str, object]], dty
   """
   if not isinstance(source, TensorSource):
     source = DictSource(source)
-  return convert_strict(_WithoutBatchCounters(source), abstract_params(), key_fn=torch_key, dtype=dtype,
+  return convert_strict(FilteredSource(source, lambda k: k.rsplit(".", 1)[-1] != NUM_BATCHES_TRACKED), abstract_params(), key_fn=torch_key, dtype=dtype,
                         what="FID InceptionV3")
 
 

@@ -55,7 +55,7 @@ def _process_independent_dataset(self, mesh, data_config):
   local = self.config.batch_size // n
   ds = data_pipeline.make_dataset(data_config, self.config.batch_size, process_index=0, process_count=1,
                                   tokenize_fn=self.tokenize)
-  keep = ("video", "latents", "labels", "caption_ids", "cond_mask")
+  keep = set(self.abstract_batch(1))  # the fields the task declares
 
   def rows(batch):
     return {k: jax.tree.map(lambda v: np.asarray(v)[pid * local:(pid + 1) * local], batch[k])

@@ -12,11 +12,12 @@ from PIL import Image
 
 import multiprocess_worker
 from videoldm_jax import checkpoint, local_cluster, train
+from videoldm_jax.tasks import latent_diffusion
 
 STEPS = 2
 
 
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_train_like_one(tmp_path, monkeypatch):
   mp_dir, sp_dir = tmp_path / "two_processes", tmp_path / "one_process"
   result_path = str(tmp_path / "result_{process}.json")
   worker = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
@@ -29,7 +30,9 @@ def test_two_processes_train_like_one(tmp_path):
       env=env, timeout=600)))
   thread.start()
   try:
-    multiprocess_worker.use_process_independent_data()
+    # The same data path as the workers, for this test only (later tests use the real pipeline).
+    monkeypatch.setattr(latent_diffusion.LatentDiffusionTask, "_dataset",
+                        multiprocess_worker._process_independent_dataset)  # pylint: disable=protected-access
     ref = train.train_and_evaluate(multiprocess_worker.make_config(STEPS), str(sp_dir))
   finally:
     thread.join()

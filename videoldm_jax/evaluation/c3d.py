@@ -47,6 +47,7 @@ import numpy as np
 
 from videoldm_jax.conversion.core import DictSource, PrefixSource, TensorSource, convert_strict
 from videoldm_jax.conversion.io import open_checkpoint
+from videoldm_jax.evaluation import batching
 
 NUM_FRAMES = 16
 RESIZE = 128
@@ -58,7 +59,6 @@ DEFAULT_MEAN_BGR = (90.25164795, 97.65701294, 101.4083252)
 MEAN_CLIP_SHAPE = (3, NUM_FRAMES, 128, 171)  # Caffe C3D mean clip: BGR, channel-first, 128x171 frames
 POOL5_MODES = ("ceil", "pad")
 MEAN_KEY = "input_mean"
-PRECISION = "highest"  # full fp32 convolutions on every platform (GPUs would otherwise use TF32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +251,7 @@ def load_c3d(path: Union[str, TensorSource], config: C3DConfig = C3DConfig(), *,
 @functools.partial(jax.jit, static_argnames=("config",))
 def c3d_probs_batch(params: Mapping, videos: jax.Array, config: C3DConfig = C3DConfig()) -> jax.Array:
   """Jittable core: uint8 RGB videos ``[n, 16, h, w, 3]`` -> class probabilities ``[n, num_classes]`` float32.
-  :func:`c3d_probs` calls it under ``jax.default_matmul_precision(PRECISION)`` (full fp32 convolutions)."""
+  :func:`c3d_probs` calls it under ``jax.default_matmul_precision(batching.PRECISION)`` (full fp32 convolutions)."""
   logits = C3D(config).apply({"params": params}, preprocess(videos))
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
@@ -271,13 +271,4 @@ def c3d_probs(params: Mapping, videos_uint8, *, batch_size: int = 8, config: Opt
   if n == 0:
     return np.zeros((0, config.num_classes), np.float32)
   params = jax.device_put(params)
-  size = min(batch_size, n)
-  out = []
-  for start in range(0, n, size):
-    chunk = videos[start:start + size]
-    valid = chunk.shape[0]
-    if valid < size:
-      chunk = np.concatenate([chunk, np.zeros((size - valid,) + chunk.shape[1:], chunk.dtype)])
-    with jax.default_matmul_precision(PRECISION):
-      out.append(np.asarray(c3d_probs_batch(params, chunk, config=config))[:valid])
-  return np.concatenate(out)
+  return batching.map_padded(lambda chunk: c3d_probs_batch(params, chunk, config=config), videos, batch_size)

@@ -53,6 +53,7 @@ from videoldm_jax.conversion.clip import (abstract_clip_params, clip_config_from
 from videoldm_jax.conversion.core import (ConversionError, DictSource, FilteredSource, RenamedSource, TensorSource,
                                           convert_strict, default_torch_key)
 from videoldm_jax.conversion.io import open_checkpoint
+from videoldm_jax.evaluation import batching
 from videoldm_jax.models import tokenizer as clip_tokenizer
 from videoldm_jax.models.clip import ACTIVATIONS, CLIPEncoder, CLIPTextConfig, CLIPTextEncoder
 from videoldm_jax.models.layers import conv, dense, layer_norm
@@ -66,7 +67,6 @@ DROPPED_KEYS = ("logit_scale", "input_resolution", "context_length", "vocab_size
 POSITION_IDS_SUFFIX = "embeddings.position_ids"
 VISION_PREFIX, TEXT_PREFIX = "vision_model.", "text_model."
 VISUAL_PROJECTION, TEXT_PROJECTION = "visual_projection.weight", "text_projection.weight"
-PRECISION = "highest"  # full fp32 matmuls on every platform (GPUs would otherwise use TF32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -473,21 +473,6 @@ def text_embeds_batch(params: Mapping, input_ids: jax.Array, config: CLIPTextCon
   return CLIPTextEncoder(config).apply({"params": params}, input_ids)["text_embeds"]
 
 
-def _batched(fn, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-  """``fn`` over fixed-size batches of ``inputs`` (last one zero-padded: one compilation), in ``PRECISION``."""
-  n = inputs.shape[0]
-  size = min(batch_size, n)
-  out = []
-  for start in range(0, n, size):
-    chunk = inputs[start:start + size]
-    valid = chunk.shape[0]
-    if valid < size:
-      chunk = np.concatenate([chunk, np.zeros((size - valid,) + chunk.shape[1:], chunk.dtype)])
-    with jax.default_matmul_precision(PRECISION):
-      out.append(np.asarray(fn(chunk))[:valid])
-  return np.concatenate(out)
-
-
 def tokenize(loaded: LoadedCLIP, prompts: Sequence[str]) -> np.ndarray:
   """``[n, context_length]`` int32 ids with the package's offline CLIP tokenizer."""
   tok = clip_tokenizer.load_clip_tokenizer(pad_with=loaded.pad_with)
@@ -500,14 +485,14 @@ def encode_images(loaded: LoadedCLIP, frames_uint8, *, batch_size: int = 64) -> 
   vision = loaded.config.vision
   params = jax.device_put(loaded.params["vision"])
   fn = lambda chunk: image_embeds_batch(params, preprocess_images(chunk, vision.image_size), config=vision)
-  return _batched(fn, frames, batch_size)
+  return batching.map_padded(fn, frames, batch_size)
 
 
 def encode_texts(loaded: LoadedCLIP, prompts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
   """Unnormalised text embeddings ``[n, projection_dim]`` of ``prompts``."""
   params = jax.device_put(loaded.params["text"])
   fn = lambda ids: text_embeds_batch(params, ids, config=loaded.config.text)
-  return _batched(fn, tokenize(loaded, prompts), batch_size)
+  return batching.map_padded(fn, tokenize(loaded, prompts), batch_size)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

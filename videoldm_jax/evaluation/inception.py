@@ -40,13 +40,13 @@ import numpy as np
 
 from videoldm_jax.conversion.core import DictSource, FilteredSource, TensorSource, convert_strict
 from videoldm_jax.conversion.io import open_checkpoint
+from videoldm_jax.evaluation import batching
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
 BN_EPS = 1e-3
 PROTOCOLS = ("pytorch_fid", "tensorflow")
-PRECISION = "highest"  # metrics computed in full fp32, like the references, on every platform
 # BatchNorm's step counter: a buffer torch stores next to the running statistics; it plays no part in eval.
 NUM_BATCHES_TRACKED = "num_batches_tracked"
 
@@ -290,7 +290,7 @@ def load_fid_inception(path: Union[str, TensorSource]) -> Dict:
 def fid_features_batch(params: Mapping, frames: jax.Array, protocol: str = "pytorch_fid") -> jax.Array:
   """Jittable core: uint8 frames ``[n, h, w, 3]`` -> pool features ``[n, 2048]`` float32.
 
-  Call it under ``jax.default_matmul_precision(PRECISION)`` for full fp32 convolutions, as :func:`fid_features`
+  Call it under ``jax.default_matmul_precision(batching.PRECISION)`` for full fp32 convolutions, as :func:`fid_features`
   does (XLA's default lets GPUs use TF32 and TPUs bf16 passes).
   """
   return FIDInceptionV3().apply({"params": params}, preprocess(frames, protocol))["pool"]
@@ -300,7 +300,7 @@ def fid_features(params: Mapping, frames_uint8, *, batch_size: int = 50, protoco
   """FID features of ``frames_uint8 [n, h, w, 3]`` (any size; resized per ``protocol``) -> ``[n, 2048]`` float32.
 
   Runs in fixed-size batches (the last one zero-padded) so one compilation serves every batch, with fp32
-  convolutions (``PRECISION``) whatever the platform's default.
+  convolutions (``batching.PRECISION``) whatever the platform's default.
   """
   frames = np.asarray(frames_uint8)
   if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -309,14 +309,5 @@ def fid_features(params: Mapping, frames_uint8, *, batch_size: int = 50, protoco
   if n == 0:
     return np.zeros((0, FEATURE_DIM), np.float32)
   params = jax.device_put(params)
-  size = min(batch_size, n)
-  out = []
-  for start in range(0, n, size):
-    chunk = frames[start:start + size]
-    valid = chunk.shape[0]
-    if valid < size:
-      chunk = np.concatenate([chunk, np.zeros((size - valid,) + chunk.shape[1:], chunk.dtype)])
-    with jax.default_matmul_precision(PRECISION):
-      out.append(np.asarray(fid_features_batch(params, chunk, protocol=protocol))[:valid])
-  return np.concatenate(out)
+  return batching.map_padded(lambda chunk: fid_features_batch(params, chunk, protocol=protocol), frames, batch_size)
 

@@ -90,3 +90,14 @@ def test_regime_label_changes_the_interpolation(interp):
   b = np.asarray(step(trainable, frozen, BATCH, keys, jnp.ones((B,), jnp.int32), rng))
   np.testing.assert_array_equal(a[:, ::4], b[:, ::4])
   assert np.abs(a - b).max() > 1e-4
+
+
+def test_predictor_alone_makes_the_first_window_and_the_pipeline_decodes():
+  """A pipeline with no key-frame model before the predictor: its first window is unconditioned (no context),
+  the rollout extends it, and the stream is decoded by the predictor's own VAE."""
+  task, trainable, frozen = _task("predictor", 5)
+  ctx = pipeline.Context(batch=BATCH, rng=jax.random.PRNGKey(0), options={"num_windows": 2}, progress=False)
+  stream = pipeline.run([task.pipeline_step(trainable, frozen)], ctx)
+  frames = np.concatenate(list(stream.chunks), axis=1)
+  assert ctx.key_frames_made == 8 and stream.num_frames == 8  # 5 + (5 - 2)
+  assert frames.shape == (B, 8, task.config.data.height, task.config.data.width, 3) and frames.dtype == np.uint8

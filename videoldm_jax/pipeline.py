@@ -290,7 +290,8 @@ class Rollout(Step):
     if stream is None:
       b = jax.tree.leaves(cond)[0].shape[0]
       z_ctx = jnp.zeros((b, 0) + self.latent_shape, jnp.float32)
-      first, decode = np.asarray(self.window_fn(cond, z_ctx, jax.random.fold_in(rng, -1))), self.decode
+      first = np.asarray(self.window_fn(cond, z_ctx, ctx.rng_for(self.name + '/first window')))
+      decode = self.decode
     else:
       first, decode = np.concatenate(list(stream.chunks), axis=1), stream.decode or self.decode
     chunks = rollout(self.window_fn, cond, first, target, rng, self.num_context)

@@ -52,6 +52,7 @@ from videoldm_jax.data import video as video_lib
 from videoldm_jax.data.skips import SkipCounter
 from videoldm_jax.evaluation import i3d as i3d_lib
 from videoldm_jax.evaluation import statistics
+from videoldm_jax.models.vae import to_uint8
 
 NUM_FRAMES = 16
 SIZE = i3d_lib.INPUT_SIZE
@@ -337,11 +338,6 @@ class VideoSource:
     return self.iterate(jax.process_index(), jax.process_count())
 
 
-def _to_uint8(video: np.ndarray) -> np.ndarray:
-  """float [-1, 1] -> uint8."""
-  return np.clip(np.round((np.asarray(video, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def synthetic_videos(num_videos: int, num_frames: int = NUM_FRAMES, height: int = 128, width: int = 256,
                      seed: int = 0, *, fps: float = SYNTHETIC_FPS, start: int = 0) -> np.ndarray:
   """Held-out synthetic driving clips, uint8 ``[num_videos, num_frames, height, width, 3]``.
@@ -359,7 +355,7 @@ def _synthetic_iter(seed: int, num_frames: int, height: int, width: int, fps: fl
   indices = itertools.count(start + index, count) if limit is None else range(start + index, start + limit, count)
   for i in indices:
     scene = synthetic_lib.make_scene(stream, i)
-    yield f"synthetic:{seed}/{i}", _to_uint8(synthetic_lib.render_clip(scene, num_frames, height, width, fps))
+    yield f"synthetic:{seed}/{i}", np.asarray(to_uint8(synthetic_lib.render_clip(scene, num_frames, height, width, fps)))
 
 
 def synthetic_source(seed: int = 0, *, num_frames: int = NUM_FRAMES, height: int = 128, width: int = 256,

@@ -150,6 +150,28 @@ class DictSource(TensorSource):
     return t
 
 
+class MergedSource(TensorSource):
+  """The union of sources with disjoint keys (e.g. a checkpoint plus tensors a format leaves implicit)."""
+
+  def __init__(self, *sources: TensorSource):
+    self._owner: Dict[str, TensorSource] = {}
+    for source in sources:
+      for key in source.keys():
+        if key in self._owner:
+          raise ConversionError(f"{source.name}: key {key} is also in {self._owner[key].name}")
+        self._owner[key] = source
+    self.name = sources[0].name if sources else "<empty>"
+
+  def keys(self):
+    return list(self._owner)
+
+  def shape(self, key):
+    return self._owner[key].shape(key)
+
+  def _read(self, key):
+    return self._owner[key]._read(key)  # pylint: disable=protected-access
+
+
 class PrefixSource(TensorSource):
   """The keys of ``source`` that start with ``prefix``, with the prefix stripped."""
 

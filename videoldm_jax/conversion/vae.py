@@ -18,6 +18,20 @@ decoder.up.i.upsample.conv                 decoder.up_blocks.(n-1-i).upsamplers.
 
 CompVis stores q/k/v/proj_out as 1x1 convs ``[c, c, 1, 1]``; ``core.torch_to_flax_array`` squeezes them into the
 Dense kernels diffusers and we use.
+
+Video decoders (``VAEConfig.temporal_decoder``) follow diffusers ``AutoencoderKLTemporalDecoder`` in the decoder:
+
+```
+ours                                         diffusers                                   sgm (single file)
+decoder/**/resnets_j/<spatial>               **.resnets.j.spatial_res_block.<spatial>    **.block_*.<spatial>
+decoder/**/resnets_j/temporal_res/norm1      **.resnets.j.temporal_res_block.norm1       **.time_stack.in_layers.0
+                          .../conv1, norm2, conv2                       conv1, norm2, conv2   in_layers.2, out_layers.0, .3
+decoder/**/resnets_j/temporal_mixer/mix_factor  **.resnets.j.time_mixer.mix_factor       **.block_*.mix_factor
+decoder/temporal_conv_out                    decoder.time_conv_out                       decoder.conv_out.time_mix_conv
+```
+
+sgm's ``AutoencodingEngine`` (SVD) has no ``quant_conv``: a single file without one gets the identity 1x1 conv,
+which computes the same.
 """
 
 from __future__ import annotations
@@ -27,7 +41,9 @@ from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
-from videoldm_jax.conversion.core import PrefixSource, RenamedSource, TensorSource, convert_strict, export_torch
+from videoldm_jax.conversion.core import (DictSource, MergedSource, Path, PrefixSource, RenamedSource, TensorSource,
+                                          convert_strict, default_torch_key, export_torch)
+from videoldm_jax.conversion.svd import svd_torch_key
 from videoldm_jax.models.vae import VAEConfig, abstract_params
 
 COMPVIS_PREFIX = "first_stage_model."
@@ -35,20 +51,39 @@ COMPVIS_PREFIX = "first_stage_model."
 _ATTN_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
+def video_vae_torch_key(path: Path) -> str:
+  """Flax path -> diffusers ``AutoencoderKLTemporalDecoder`` key (the decoder's resnets wrap spatial and temporal
+  parts like SVD's U-Net; see the module docstring)."""
+  if path[0] != "decoder":
+    return default_torch_key(path)
+  if path[1] == "temporal_conv_out":
+    return default_torch_key(("decoder", "time_conv_out") + tuple(path[2:]))
+  return svd_torch_key(path)
+
+
+def _key_fn(params_or_config) -> object:
+  video = (params_or_config.temporal_decoder if isinstance(params_or_config, VAEConfig)
+           else "temporal_conv_out" in params_or_config.get("decoder", {}))
+  return video_vae_torch_key if video else default_torch_key
+
+
 def convert_vae(source: TensorSource, config: VAEConfig, dtype=np.float32) -> Dict:
   """Diffusers-named VAE tensors -> Flax params of ``AutoencoderKL(config)`` (strict: every key, every shape).
 
   For a full diffusers pipeline checkpoint pass ``PrefixSource(source, "vae.")``; for CompVis checkpoints
-  pass ``compvis_vae_source(source)``. Raises ``ConversionError`` naming missing / unexpected / mis-shaped keys.
+  pass ``compvis_vae_source(source)``; video decoders use ``AutoencoderKLTemporalDecoder`` names. Raises
+  ``ConversionError`` naming missing / unexpected / mis-shaped keys.
   """
-  return convert_strict(source, abstract_params(config), dtype=dtype, what="vae")
+  what = "video vae" if config.temporal_decoder else "vae"
+  return convert_strict(source, abstract_params(config), key_fn=_key_fn(config), dtype=dtype, what=what)
 
 
 def vae_to_diffusers(params: Mapping) -> Dict[str, np.ndarray]:
-  """Flax params (with or without the ``{"params": ...}`` wrapper) -> diffusers ``AutoencoderKL`` state dict."""
+  """Flax params (with or without the ``{"params": ...}`` wrapper) -> diffusers ``AutoencoderKL`` state dict
+  (``AutoencoderKLTemporalDecoder`` names for a video decoder)."""
   if set(params) == {"params"}:
     params = params["params"]
-  return export_torch(params)
+  return export_torch(params, key_fn=_key_fn(params))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -84,6 +119,36 @@ def _compvis_rules(num_levels: int) -> List[tuple]:
   ]
 
 
+_SGM_TIME_STACK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "out_layers.0": "norm2", "out_layers.3": "conv2"}
+_DECODER_RESNET = re.compile(r"(decoder\.(?:mid_block|up_blocks\.\d+)\.resnets\.\d+)\.(.+)")
+
+
+def _video_decoder_renames(keys) -> Dict[str, str]:
+  """sgm ``VideoDecoder`` keys (after the CompVis -> diffusers resnet renaming) -> ``AutoencoderKLTemporalDecoder``
+  names: ``{new: old}``."""
+  renames = {}
+  for key in keys:
+    m = _DECODER_RESNET.fullmatch(key)
+    if m:
+      head, rest = m.groups()
+      if rest.startswith("time_stack."):
+        module, _, leaf = rest[len("time_stack."):].rpartition(".")
+        if module in _SGM_TIME_STACK:
+          renames[f"{head}.temporal_res_block.{_SGM_TIME_STACK[module]}.{leaf}"] = key
+      elif rest == "mix_factor":
+        renames[f"{head}.time_mixer.mix_factor"] = key
+      else:
+        renames[f"{head}.spatial_res_block.{rest}"] = key
+    elif key.startswith("decoder.conv_out.time_mix_conv."):
+      renames["decoder.time_conv_out." + key[len("decoder.conv_out.time_mix_conv."):]] = key
+  return renames
+
+
+def is_video_decoder(source: TensorSource) -> bool:
+  """True when a CompVis / sgm autoencoder's decoder has temporal layers (sgm ``VideoDecoder``)."""
+  return any(".time_stack." in k or k.endswith("time_mix_conv.weight") for k in source.keys())
+
+
 def _num_levels(keys, prefix: str) -> int:
   levels = {int(m[1]) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
   return max(levels) + 1 if levels else 0
@@ -113,7 +178,16 @@ def compvis_vae_source(source: TensorSource, prefix: Optional[str] = None) -> Te
       if new:
         renames[new] = key
         break
-  return RenamedSource(view, renames)
+  renamed = RenamedSource(view, renames)
+  if not is_video_decoder(view):
+    return renamed
+  renamed = RenamedSource(renamed, _video_decoder_renames(renamed.keys()))
+  if "quant_conv.weight" not in renamed.keys() and "encoder.conv_out.weight" in renamed.keys():
+    c = renamed.shape("encoder.conv_out.weight")[0]  # 2 * latent channels
+    identity = {"quant_conv.weight": np.eye(c, dtype=np.float32)[:, :, None, None],
+                "quant_conv.bias": np.zeros((c,), np.float32)}
+    renamed = MergedSource(renamed, DictSource(identity, name=f"{view.name} (identity quant_conv)"))
+  return renamed
 
 
 def vae_config_from_compvis(source: TensorSource, scaling_factor: Optional[float] = None,
@@ -147,15 +221,19 @@ def vae_config_from_compvis(source: TensorSource, scaling_factor: Optional[float
   layers = len({m[1] for k in keys if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))})
   if scaling_factor is None:
     scaling_factor = 0.08333 if num_levels == 3 else 0.18215  # f = 4: the x4 upscaler's autoencoder
+  video = {}
+  if "decoder.time_conv_out.weight" in keys:  # sgm VideoDecoder (SVD): clip statistics like the reference
+    video = dict(temporal_decoder=True, temporal_norm="clip", temporal_kernel=shape("decoder.time_conv_out.weight")[2],
+                 use_post_quant_conv="post_quant_conv.weight" in keys)
   return VAEConfig(
       in_channels=shape("encoder.conv_in.weight")[1],
       out_channels=shape("decoder.conv_out.weight")[0],
       block_out_channels=tuple(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0]
                                for i in range(num_levels)),
       layers_per_block=layers,
-      latent_channels=shape("post_quant_conv.weight")[0],
+      latent_channels=shape("decoder.conv_in.weight")[1],
       norm_num_groups=norm_num_groups,
-      scaling_factor=scaling_factor)
+      scaling_factor=scaling_factor, **video)
 
 
 def convert_compvis_vae(source: TensorSource, config: Optional[VAEConfig] = None, prefix: Optional[str] = None,

@@ -69,6 +69,12 @@ class TemporalConfig:
       predictor / interpolator). False keeps the key-frame model's param tree exactly.
     num_regimes: number of regime labels embedded by ``temporal_cond`` (interpolator: 2, T->4T and 4T->16T);
       0 = no regime input.
+    eps: GroupNorm epsilon of the temporal ResBlocks (None = the spatial block's; the video VAE decoder uses 1e-5
+      next to its spatial 1e-6).
+    switch_spatial_to_temporal_mix: the VAE decoder's convention ``alpha * temporal + (1 - alpha) * spatial``.
+    frame_norm: GroupNorm statistics of the temporal ResBlocks per frame instead of over the whole clip. The
+      reference blocks normalise over time, which makes every output frame depend on every input frame; per-frame
+      statistics bound the temporal receptive field, so long videos can be processed exactly in windows.
   """
   merge_strategy: str = "learned_with_images"
   merge_factor: float = 0.5
@@ -81,6 +87,9 @@ class TemporalConfig:
   dropout: float = 0.0
   mask_conditioning: bool = False
   num_regimes: int = 0
+  eps: Optional[float] = None
+  switch_spatial_to_temporal_mix: bool = False
+  frame_norm: bool = False
 
   def __post_init__(self):
     if self.merge_strategy not in MERGE_STRATEGIES:
@@ -152,8 +161,17 @@ class TemporalResBlock(nn.Module):
   num_groups: int = 32
   dropout: float = 0.0
   zero_init: bool = True
+  frame_norm: bool = False  # GroupNorm statistics per frame (see TemporalConfig.frame_norm)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  def _norm(self, name: str, x: jax.Array) -> jax.Array:
+    norm = layers.group_norm(name=name, num_groups=self.num_groups, epsilon=self.eps, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    if not self.frame_norm:
+      return norm(x)
+    b, t = x.shape[:2]
+    return norm(x.reshape((b * t,) + x.shape[2:])).reshape(x.shape)
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: Optional[jax.Array] = None, *, cond: Optional[jax.Array] = None,
@@ -166,7 +184,7 @@ class TemporalResBlock(nn.Module):
     # Keep the time axis unsharded into each 3D conv: XLA's SPMD partitioner (jax 0.10 CPU at least) miscompiles a
     # conv whose input is sharded along the conv's time axis and whose kernel is sharded over the same mesh axis.
     unsharded_time = lambda a: nn.with_logical_constraint(a, ("batch", "frames", None, None, None))  # noqa: E731
-    h = layers.group_norm(name="norm1", num_groups=self.num_groups, epsilon=self.eps, **kw)(x)
+    h = self._norm("norm1", x)
     h = layers.conv(self.features, self.kernel_size, name="conv1", **kw)(unsharded_time(nn.silu(h)))
     if emb is not None:
       e = layers.dense(self.features, name="time_emb_proj", **kw)(nn.silu(emb))
@@ -174,7 +192,7 @@ class TemporalResBlock(nn.Module):
     if cond is not None:  # zero-init: a key-frame checkpoint loaded into a predictor is unchanged at first
       h = h + layers.conv(self.features, (1, 1, 1), name="temporal_cond_proj",
                           kernel_init=nn.initializers.zeros_init(), **kw)(cond.astype(self.dtype))
-    h = layers.group_norm(name="norm2", num_groups=self.num_groups, epsilon=self.eps, **kw)(h)
+    h = self._norm("norm2", h)
     h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
     # Zero-init makes the block the identity at init, so inserting it leaves the image model unchanged.
     out_init = nn.initializers.zeros_init() if self.zero_init else nn.initializers.lecun_normal()

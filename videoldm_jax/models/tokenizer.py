@@ -20,14 +20,14 @@ trained with.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
 import html
 import json
 import os
 import tempfile
-from typing import Dict, List, Sequence, Tuple, Union
+import threading
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -116,9 +116,16 @@ def tokenizer_files(cache_root: str | None = None, bpe_path: str = BPE_PATH) -> 
   raise OSError(f"cannot write CLIP tokenizer files under {roots}: {last_error}")
 
 
-@functools.lru_cache(maxsize=None)
+_LOADED: Dict[Tuple[str, Any], Any] = {}
+_LOAD_LOCK = threading.Lock()
+
+
 def load_clip_tokenizer(pad_with: str = EOS_TOKEN, cache_root: str | None = None):
-  """``transformers.CLIPTokenizer`` for CLIP ViT-L/14 and OpenCLIP ViT-H/14 (same vocabulary).
+  """``transformers.CLIPTokenizer`` for CLIP ViT-L/14 and OpenCLIP ViT-H/14 (same vocabulary), built once.
+
+  Safe to call from many threads at once (input pipeline read threads do): the first call builds under a lock,
+  because transformers' lazy top-level module fails ``from transformers import CLIPTokenizer`` with an
+  ImportError when several threads trigger its first import concurrently.
 
   Args:
     pad_with: ``"<|endoftext|>"`` (SD 1.x, id 49407) or ``"!"`` (OpenCLIP / SD 2.x, id 0).
@@ -126,6 +133,17 @@ def load_clip_tokenizer(pad_with: str = EOS_TOKEN, cache_root: str | None = None
   """
   if pad_with not in PAD_CHOICES:
     raise ValueError(f"pad_with must be one of {PAD_CHOICES}, got {pad_with!r}")
+  key = (pad_with, cache_root)
+  tok = _LOADED.get(key)
+  if tok is None:
+    with _LOAD_LOCK:
+      tok = _LOADED.get(key)
+      if tok is None:
+        tok = _LOADED[key] = _build_clip_tokenizer(pad_with, cache_root)
+  return tok
+
+
+def _build_clip_tokenizer(pad_with: str, cache_root: str | None):
   from tokenizers import Regex, pre_tokenizers
   from transformers import CLIPTokenizer  # deferred: transformers is slow to import
   directory = tokenizer_files(cache_root)

@@ -339,11 +339,12 @@ class ResnetBlock2D(nn.Module):
       frame_temb = None if temb is None else einops.rearrange(temb, "(b t) e -> b t e", t=num_frames)
       cond = None if frame_cond is None else einops.rearrange(frame_cond, "(b t) h w c -> b t h w c", t=num_frames)
       mixed = temporal_lib.TemporalResBlock(
-          self.out_channels, tc.kernel_size, eps=self.eps, num_groups=self.norm_num_groups, dropout=tc.dropout,
-          zero_init=tc.zero_init, name="temporal_res", **kw)(video, frame_temb, cond=cond,
-                                                               deterministic=deterministic)
-      video = temporal_lib.AlphaBlender(tc.merge_strategy, tc.merge_factor, name="temporal_mixer",
-                                        param_dtype=self.param_dtype)(video, mixed, image_only_indicator)
+          self.out_channels, tc.kernel_size, eps=self.eps if tc.eps is None else tc.eps,
+          num_groups=self.norm_num_groups, dropout=tc.dropout, zero_init=tc.zero_init, frame_norm=tc.frame_norm,
+          name="temporal_res", **kw)(video, frame_temb, cond=cond, deterministic=deterministic)
+      video = temporal_lib.AlphaBlender(tc.merge_strategy, tc.merge_factor, tc.switch_spatial_to_temporal_mix,
+                                        name="temporal_mixer", param_dtype=self.param_dtype)(
+                                            video, mixed, image_only_indicator)
       out = _constrain(einops.rearrange(video, "b t h w c -> (b t) h w c"))
     return out
 

@@ -14,22 +14,35 @@ decoder/ conv_in, mid_block, up_blocks_i/{resnets_j, upsamplers_0/conv}, conv_no
 :class:`DiagonalGaussian` to sample. Latents fed to a diffusion model are ``z * config.scaling_factor`` and are
 divided by it again before ``decode`` (the SD and x4-upscaler pipelines both do this).
 
-The decoder threads an optional ``num_frames`` through its blocks: image decoding ignores it, the video
-fine-tuned decoder (temporal layers after the spatial ones, inputs ``[b*t, h, w, c]``) needs the clip length.
+Video decoder (``VAEConfig.temporal_decoder``, the paper's Sec. 3.3; the structure of diffusers
+``AutoencoderKLTemporalDecoder`` / sgm ``VideoDecoder`` with ``time_mode="conv-only"``): after every spatial ResNet
+block of the decoder's mid and up blocks, a temporal 3D-conv ResBlock (``temporal_res``, kernel (k, 1, 1)) merged
+by a learned ``temporal_mixer`` as ``alpha * temporal + (1 - alpha) * spatial`` (alpha = sigmoid(mix_factor), 0.5
+at init), and a temporal conv after ``conv_out`` (``temporal_conv_out``; diffusers ``time_conv_out``). The encoder
+is unchanged, so the latent space of every other stage is too. Inputs are frame-major ``[b*t, h, w, c]`` and
+``decode`` needs the clip length ``num_frames``. Fresh temporal layers leave the image decoder's output unchanged:
+the ResBlocks' last convs start at zero and ``temporal_conv_out`` starts as the identity in time.
+
+With ``temporal_norm="frame"`` the temporal GroupNorms use per-frame statistics, so output frame i depends only on
+latent frames within :func:`temporal_receptive_field` of i and long videos decode exactly in windows
+(:func:`decode_windows`). ``"clip"`` normalises over the clip like the references (needed for SVD's weights); each
+window's statistics then depend on the window.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from videoldm_jax.models.layers import conv, dense, dot_product_attention, group_norm
+from videoldm_jax.models.temporal import TemporalConfig
 # The U-Net's blocks have the same structure and names as diffusers' (ResnetBlock2D without time embedding).
 from videoldm_jax.models.unet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -53,6 +66,10 @@ class VAEConfig:
   latent_channels: int = 4
   norm_num_groups: int = 32
   scaling_factor: float = 0.18215  # z_diffusion = z * scaling_factor
+  use_post_quant_conv: bool = True  # SVD's video VAE has none
+  temporal_decoder: bool = False  # video decoder (module docstring)
+  temporal_kernel: int = 3  # time extent of the video decoder's 3D convs
+  temporal_norm: str = "frame"  # "frame" | "clip": statistics of the video decoder's temporal GroupNorms
 
   def __post_init__(self):
     object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
@@ -61,7 +78,24 @@ class VAEConfig:
     bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
     if bad:
       raise ValueError(f"VAEConfig: channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
+    if self.temporal_norm not in ("frame", "clip"):
+      raise ValueError(f"VAEConfig.temporal_norm={self.temporal_norm!r}: expected 'frame' or 'clip'")
+    if self.temporal_kernel < 1 or self.temporal_kernel % 2 != 1:
+      raise ValueError(f"VAEConfig.temporal_kernel={self.temporal_kernel} must be odd and >= 1")
 
+  def temporal(self) -> Optional[TemporalConfig]:
+    """The temporal layers of the video decoder's ResNet blocks (None: image decoder)."""
+    if not self.temporal_decoder:
+      return None
+    return TemporalConfig(merge_strategy="learned", merge_factor=0.0, cross_attention=False,
+                          kernel_size=(self.temporal_kernel, 1, 1), eps=1e-5, switch_spatial_to_temporal_mix=True,
+                          frame_norm=self.temporal_norm == "frame")
+
+  @property
+  def num_temporal_convs(self) -> int:
+    """3D convs in time along the video decoder's path: two per temporal ResBlock (mid block: 2 blocks, each up
+    block: ``layers_per_block + 1``) and ``temporal_conv_out``."""
+    return 2 * (2 + len(self.block_out_channels) * (self.layers_per_block + 1)) + 1 if self.temporal_decoder else 0
   @property
   def downsample_factor(self) -> int:
     """Spatial reduction f: an image ``[h, w]`` encodes to ``[h / f, w / f]``."""
@@ -98,6 +132,22 @@ class VAEConfig:
     """CPU-test size with the SD structure (f=8, channel changes in encoder and decoder)."""
     return cls(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
 
+  @classmethod
+  def svd(cls) -> "VAEConfig":
+    """Stable Video Diffusion's VAE (diffusers ``AutoencoderKLTemporalDecoder``): the SD encoder, a video decoder
+    normalising over the clip, no ``post_quant_conv``; 97.7M params."""
+    return cls(use_post_quant_conv=False, temporal_decoder=True, temporal_norm="clip")
+
+
+def temporal_receptive_field(config: VAEConfig) -> Optional[int]:
+  """Frames on each side of a frame that its decoded output depends on (0: image decoder; None: unbounded, the
+  ``"clip"`` norm)."""
+  if not config.temporal_decoder:
+    return 0
+  if config.temporal_norm == "clip":
+    return None
+  return config.num_temporal_convs * (config.temporal_kernel // 2)
+
 
 # diffusers config entries that do not change the computation of encode / decode.
 _DIFFUSERS_IGNORED = frozenset({"sample_size", "force_upcast", "_class_name", "_diffusers_version", "_name_or_path",
@@ -105,17 +155,22 @@ _DIFFUSERS_IGNORED = frozenset({"sample_size", "force_upcast", "_class_name", "_
 # diffusers entries we accept only at their SD value (anything else changes the network or the latent scaling).
 _DIFFUSERS_FIXED = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
                     "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None, "latents_std": None}
+TEMPORAL_DECODER_CLASS = "AutoencoderKLTemporalDecoder"
 
 
 def vae_config_from_diffusers(config: Mapping[str, Any]) -> VAEConfig:
   """Builds a :class:`VAEConfig` from a diffusers ``AutoencoderKL`` config dict (``vae/config.json``).
 
-  Raises ``ValueError`` naming the entry for anything this implementation does not reproduce.
+  ``AutoencoderKLTemporalDecoder`` (SVD's VAE) gives the video decoder with clip statistics and no
+  ``post_quant_conv``. Raises ``ValueError`` naming the entry for anything this implementation does not reproduce.
   """
   config = dict(config)
   cls_name = config.get("_class_name", "AutoencoderKL")
+  if cls_name == TEMPORAL_DECODER_CLASS:
+    return _temporal_vae_config_from_diffusers(config)
   if cls_name != "AutoencoderKL":
-    raise ValueError(f"vae config: _class_name={cls_name!r} is not supported (only AutoencoderKL)")
+    raise ValueError(f"vae config: _class_name={cls_name!r} is not supported (AutoencoderKL, "
+                     f"{TEMPORAL_DECODER_CLASS})")
   for key, want in _DIFFUSERS_FIXED.items():
     if key in config and config[key] != want:
       raise ValueError(f"vae config: {key}={config[key]!r} is not supported (only {want!r})")
@@ -133,6 +188,48 @@ def vae_config_from_diffusers(config: Mapping[str, Any]) -> VAEConfig:
   defaults = dict(block_out_channels=(64,), layers_per_block=1, in_channels=3, out_channels=3, latent_channels=4,
                   norm_num_groups=32, scaling_factor=0.18215)
   return VAEConfig(**{k: config.get(k, v) for k, v in defaults.items()})
+
+
+def _temporal_vae_config_from_diffusers(config: Mapping[str, Any]) -> VAEConfig:
+  block_out = tuple(config.get("block_out_channels", (64,)))
+  types = tuple(config.get("down_block_types", ("DownEncoderBlock2D",)))
+  if any(t != "DownEncoderBlock2D" for t in types) or len(types) != len(block_out):
+    raise ValueError(f"vae config: down_block_types={types!r} is not supported (need {len(block_out)} x "
+                     "'DownEncoderBlock2D')")
+  layers = int(config.get("layers_per_block", 1))
+  if layers != 2:
+    # diffusers' MidBlockTemporalDecoder has layers_per_block resnets around ONE attention; only 2 is the SD
+    # structure (resnet, attention, resnet) that every released checkpoint uses.
+    raise ValueError(f"vae config: layers_per_block={layers} is not supported for {TEMPORAL_DECODER_CLASS} (only 2)")
+  allowed = {"in_channels", "out_channels", "down_block_types", "block_out_channels", "layers_per_block",
+             "latent_channels", "scaling_factor"} | _DIFFUSERS_IGNORED
+  unknown = sorted(set(config) - allowed)
+  if unknown:
+    raise ValueError(f"vae config: unsupported entries {unknown}")
+  # TemporalDecoder hard-codes 32 groups in its norms; its encoder uses diffusers' default of 32 too.
+  return VAEConfig(in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
+                   block_out_channels=block_out, layers_per_block=layers,
+                   latent_channels=config.get("latent_channels", 4), norm_num_groups=32,
+                   scaling_factor=config.get("scaling_factor", 0.18215), use_post_quant_conv=False,
+                   temporal_decoder=True, temporal_norm="clip")
+
+
+def vae_config_to_diffusers(config: VAEConfig) -> Dict[str, Any]:
+  """The diffusers ``config.json`` of a :class:`VAEConfig` (``AutoencoderKL``, or
+  ``AutoencoderKLTemporalDecoder`` for a video decoder with clip statistics and no ``post_quant_conv``)."""
+  levels = len(config.block_out_channels)
+  common = dict(in_channels=config.in_channels, out_channels=config.out_channels,
+                down_block_types=["DownEncoderBlock2D"] * levels, block_out_channels=list(config.block_out_channels),
+                layers_per_block=config.layers_per_block, latent_channels=config.latent_channels,
+                scaling_factor=config.scaling_factor)
+  if not config.temporal_decoder:
+    return dict(common, _class_name="AutoencoderKL", up_block_types=["UpDecoderBlock2D"] * levels,
+                norm_num_groups=config.norm_num_groups)
+  if (config.use_post_quant_conv or config.temporal_norm != "clip" or config.norm_num_groups != 32
+      or config.temporal_kernel != 3 or config.layers_per_block != 2):
+    raise ValueError(f"VAEConfig {config}: only the SVD structure (clip norm, 32 groups, kernel 3, 2 layers per "
+                     f"block, no post_quant_conv) has a diffusers class ({TEMPORAL_DECODER_CLASS})")
+  return dict(common, _class_name=TEMPORAL_DECODER_CLASS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,10 +290,19 @@ class DiagonalGaussian:
 # ----------------------------------------------------------------------------------------------------------
 # Blocks. Spatial blocks see ``[n, h, w, c]`` (n = b, or b * t for videos).
 
-def _resnet(out_channels: int, num_groups: int, name: str, dtype: Dtype, param_dtype: Dtype) -> ResnetBlock2D:
-  """diffusers ``ResnetBlock2D`` as the VAE builds it: no time embedding, eps 1e-6."""
-  return ResnetBlock2D(out_channels, norm_num_groups=num_groups, eps=NORM_EPS, name=name, dtype=dtype,
-                       param_dtype=param_dtype)
+def _resnet(out_channels: int, num_groups: int, name: str, dtype: Dtype, param_dtype: Dtype,
+            temporal: Optional[TemporalConfig] = None) -> ResnetBlock2D:
+  """diffusers ``ResnetBlock2D`` as the VAE builds it: no time embedding, eps 1e-6; with ``temporal`` the video
+  decoder's ``SpatioTemporalResBlock``."""
+  return ResnetBlock2D(out_channels, norm_num_groups=num_groups, eps=NORM_EPS, temporal=temporal, name=name,
+                       dtype=dtype, param_dtype=param_dtype)
+
+
+def identity_in_time(key, shape, dtype=jnp.float32) -> jax.Array:
+  """Kernel ``[k, 1, 1, c, c]`` of a 3D conv that passes every frame through unchanged (centre tap = I)."""
+  del key
+  k, _, _, c_in, c_out = shape
+  return jnp.zeros(shape, dtype).at[k // 2, 0, 0].set(jnp.eye(c_in, c_out, dtype=dtype))
 
 
 class Attention(nn.Module):
@@ -220,6 +326,7 @@ class Attention(nn.Module):
 class MidBlock(nn.Module):
   """diffusers ``UNetMidBlock2D`` as used by the VAE: resnet, attention, resnet (channels unchanged)."""
   num_groups: int = 32
+  temporal: Optional[TemporalConfig] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -227,9 +334,9 @@ class MidBlock(nn.Module):
   def __call__(self, x: jax.Array, num_frames: Optional[int] = None) -> jax.Array:
     kw = dict(num_groups=self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype)
     c = x.shape[-1]
-    x = _resnet(c, name="resnets_0", **kw)(x, None, num_frames=num_frames)
+    x = _resnet(c, name="resnets_0", temporal=self.temporal, **kw)(x, None, num_frames=num_frames)
     x = Attention(name="attentions_0", **kw)(x)
-    return _resnet(c, name="resnets_1", **kw)(x, None, num_frames=num_frames)
+    return _resnet(c, name="resnets_1", temporal=self.temporal, **kw)(x, None, num_frames=num_frames)
 
 
 class DownEncoderBlock(nn.Module):
@@ -258,6 +365,7 @@ class UpDecoderBlock(nn.Module):
   num_layers: int
   add_upsample: bool
   num_groups: int = 32
+  temporal: Optional[TemporalConfig] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -265,7 +373,8 @@ class UpDecoderBlock(nn.Module):
   def __call__(self, x: jax.Array, num_frames: Optional[int] = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for j in range(self.num_layers):
-      x = _resnet(self.out_channels, self.num_groups, name=f"resnets_{j}", **kw)(x, None, num_frames=num_frames)
+      x = _resnet(self.out_channels, self.num_groups, name=f"resnets_{j}", temporal=self.temporal,
+                  **kw)(x, None, num_frames=num_frames)
     if self.add_upsample:
       x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x)
     return x
@@ -294,7 +403,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   """Latent after ``post_quant_conv`` ``[n, h/f, w/f, latent]`` -> image ``[n, h, w, out]``.
 
-  ``num_frames``: clip length t when ``n = b * t`` frames of videos are decoded (unused by the image decoder).
+  ``num_frames``: clip length t when ``n = b * t`` frames of videos are decoded (frame-major; the video decoder
+  needs it, the image decoder ignores it).
   """
   config: VAEConfig
   dtype: Dtype = jnp.float32
@@ -304,14 +414,25 @@ class Decoder(nn.Module):
   def __call__(self, z: jax.Array, num_frames: Optional[int] = None) -> jax.Array:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    temporal = cfg.temporal()
+    if temporal is not None and (num_frames is None or z.shape[0] % num_frames):
+      raise ValueError(f"the video decoder needs num_frames dividing the {z.shape[0]} frames; got {num_frames}")
     channels = tuple(reversed(cfg.block_out_channels))
     x = conv(channels[0], name="conv_in", **kw)(z)
-    x = MidBlock(num_groups=cfg.norm_num_groups, name="mid_block", **kw)(x, num_frames=num_frames)
+    x = MidBlock(num_groups=cfg.norm_num_groups, temporal=temporal, name="mid_block", **kw)(x, num_frames=num_frames)
     for i, ch in enumerate(channels):
       x = UpDecoderBlock(ch, num_layers=cfg.layers_per_block + 1, add_upsample=i < len(channels) - 1,
-                         num_groups=cfg.norm_num_groups, name=f"up_blocks_{i}", **kw)(x, num_frames=num_frames)
+                         num_groups=cfg.norm_num_groups, temporal=temporal, name=f"up_blocks_{i}",
+                         **kw)(x, num_frames=num_frames)
     x = nn.silu(group_norm(name="conv_norm_out", num_groups=cfg.norm_num_groups, epsilon=NORM_EPS, **kw)(x))
-    return conv(cfg.out_channels, name="conv_out", **kw)(x)
+    x = conv(cfg.out_channels, name="conv_out", **kw)(x)
+    if temporal is None:
+      return x
+    n, h, w, c = x.shape
+    video = x.reshape(n // num_frames, num_frames, h, w, c)
+    video = conv(c, (cfg.temporal_kernel, 1, 1), name="temporal_conv_out", kernel_init=identity_in_time,
+                 **kw)(video)
+    return video.reshape(n, h, w, c)
 
 
 class AutoencoderKL(nn.Module):
@@ -328,7 +449,8 @@ class AutoencoderKL(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.encoder = Encoder(cfg, name="encoder", **kw)
     self.quant_conv = conv(2 * cfg.latent_channels, (1, 1), name="quant_conv", **kw)
-    self.post_quant_conv = conv(cfg.latent_channels, (1, 1), name="post_quant_conv", **kw)
+    if cfg.use_post_quant_conv:
+      self.post_quant_conv = conv(cfg.latent_channels, (1, 1), name="post_quant_conv", **kw)
     self.decoder = Decoder(cfg, name="decoder", **kw)
 
   def encode(self, x: jax.Array) -> jax.Array:
@@ -336,12 +458,19 @@ class AutoencoderKL(nn.Module):
     return self.quant_conv(self.encoder(x))
 
   def decode(self, z: jax.Array, num_frames: Optional[int] = None) -> jax.Array:
-    """Unscaled latents ``[n, h/f, w/f, latent]`` -> images ``[n, h, w, out]``."""
-    return self.decoder(self.post_quant_conv(z), num_frames=num_frames)
+    """Unscaled latents ``[n, h/f, w/f, latent]`` -> images ``[n, h, w, out]`` (video decoder: ``n = b * t``
+    frame-major, ``num_frames = t``)."""
+    if self.config.use_post_quant_conv:
+      z = self.post_quant_conv(z)
+    return self.decoder(z, num_frames=num_frames)
 
   def __call__(self, x: jax.Array, rng: Optional[jax.Array] = None,
                num_frames: Optional[int] = None) -> Tuple[jax.Array, jax.Array]:
-    """Reconstruction of ``x`` from the posterior mode (or a sample when ``rng`` is given), and the moments."""
+    """Reconstruction of ``x`` from the posterior mode (or a sample when ``rng`` is given), and the moments.
+
+    The video decoder treats ``x`` as one clip when ``num_frames`` is not given."""
+    if self.config.temporal_decoder and num_frames is None:
+      num_frames = x.shape[0]
     moments = self.encode(x)
     posterior = DiagonalGaussian(moments)
     z = posterior.mode() if rng is None else posterior.sample(rng)
@@ -358,3 +487,40 @@ def abstract_params(config: VAEConfig, param_dtype: Dtype = jnp.float32) -> Mapp
   """Shape tree of the (logically partitioned) params, without allocating them."""
   model = AutoencoderKL(config, param_dtype=param_dtype)
   return jax.eval_shape(model.init, jax.random.key(0), example_image(config))["params"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Long videos through the video decoder, window by window.
+
+def decode_windows(num_frames: int, window: int, halo: int) -> List[Tuple[int, int, int, int]]:
+  """Windows that decode ``num_frames`` frames exactly, ``window`` output frames at a time.
+
+  Each window reads ``window + 2 * halo`` latent frames (all of them when the video is shorter) and keeps the
+  frames that lie at least ``halo`` frames from an edge that is not the video's own: with ``halo`` = the
+  decoder's :func:`temporal_receptive_field`, every kept frame saw exactly the inputs the whole-video decode
+  gives it. One input length for all windows, so one compiled decode serves any video length.
+
+  Returns ``[(read_start, read_stop, keep_start, keep_stop)]`` in frame indices of the video; the kept ranges
+  tile ``[0, num_frames)`` in order.
+  """
+  if window < 1 or halo < 0:
+    raise ValueError(f"decode_windows: window={window} must be >= 1 and halo={halo} >= 0")
+  span = min(num_frames, window + 2 * halo)
+  out = []
+  keep = 0
+  while keep < num_frames:
+    start = min(max(keep - halo, 0), num_frames - span)
+    stop = min(keep + window, num_frames)
+    out.append((start, start + span, keep, stop))
+    keep = stop
+  return out
+
+
+def decode_in_windows(decode_clip: Callable[[Any], Any], latents, window: int, halo: int):
+  """``decode_clip`` over :func:`decode_windows` of ``latents`` ``[b, n, h, w, c]`` -> ``[b, n, H, W, C]`` (numpy;
+  device memory set by ``window + 2 * halo`` frames, whatever ``n``)."""
+  pieces = []
+  for start, stop, keep_start, keep_stop in decode_windows(latents.shape[1], window, halo):
+    out = np.asarray(decode_clip(latents[:, start:stop]))
+    pieces.append(out[:, keep_start - start:keep_stop - start])
+  return np.concatenate(pieces, axis=1)

@@ -2,9 +2,13 @@
 
 Every builder turns a list of :class:`VideoTask` (a file plus its labels / caption) into examples:
 
-  probe (demux only: catches unreadable / zero-byte / non-video / truncated / too-short files)
+  probe (demux only: catches unreadable / zero-byte / non-video / truncated / too-short / too-small files)
   -> decode at ``min(source fps, max_fps)`` with the short side resized down to ``short_side`` (never up)
   -> JPEG-encode every frame -> one example per video (or per ``clip_seconds`` segment).
+
+Probing and decoding run in worker processes (:class:`videoldm_jax.data.isolated.IsolatedPool`, reused across
+files): FFmpeg is C code fed untrusted files, and a file that crashes or hangs its worker is skipped as
+``decoder_crashed`` / ``decoder_timeout`` while the other files go on.
 
 Frames are stored as a list of JPEG bytes so that training decodes only the frames a clip uses. Each example
 records ``fps`` (the stored, constant frame rate), ``num_frames``, ``duration``, ``start_time`` in the source,
@@ -14,13 +18,11 @@ the dataset info (``info.metadata["skipped"]``); a dataset without a single usab
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import inspect
 import io
 import logging
-import multiprocessing
 import os
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -29,6 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
+from videoldm_jax.data import isolated
 from videoldm_jax.data import video as video_lib
 from videoldm_jax.data.skips import SkipCounter
 from videoldm_jax.data.video import VideoDecodeError
@@ -39,6 +42,9 @@ TRAIN, VALIDATION = "train", "validation"
 BAD_METADATA = "bad_metadata"
 BAD_CAPTION = "bad_caption"
 NOT_VIDEO = "not_video"  # a file whose extension is not a video container's
+TOO_SMALL = "too_small"  # short side below ``min_short_side``: training would only see an upscaled blur
+DECODER_CRASHED = isolated.DECODER_CRASHED  # its worker process died (segfault, abort, out of memory)
+DECODER_TIMEOUT = isolated.DECODER_TIMEOUT  # its worker ran past ``decode_timeout``
 
 
 class NoUsableVideosError(ValueError):
@@ -124,6 +130,7 @@ class VideoTask:
 @dataclasses.dataclass(frozen=True)
 class EncodeOptions:
   short_side: int = 256
+  min_short_side: int = 64
   max_fps: float = 30.0
   min_seconds: float = 1.0
   max_seconds: Optional[float] = 60.0
@@ -139,8 +146,11 @@ def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
 
 
 def probe_task(task: VideoTask, options: EncodeOptions) -> video_lib.VideoInfo:
-  """Container checks (raise VideoDecodeError) plus the minimum duration."""
+  """Container checks (raise VideoDecodeError) plus the minimum duration and frame size."""
   info = video_lib.probe(task.path)
+  if min(info.height, info.width) < options.min_short_side:
+    raise VideoDecodeError(task.path, TOO_SMALL,
+                           f"{info.width}x{info.height}: short side < min_short_side={options.min_short_side}")
   if info.duration + 1e-6 < options.min_seconds:
     raise VideoDecodeError(task.path, VideoDecodeError.TOO_SHORT,
                            f"{info.duration:.2f}s < min_seconds={options.min_seconds}")
@@ -185,35 +195,35 @@ def encode_task(task: VideoTask, options: EncodeOptions) -> List[Tuple[str, Dict
 
 
 def _call(fn, task, options):
-  """Worker wrapper: returns (task, result, None) or (task, None, (reason, detail))."""
+  """Worker side: ``(result, None)`` or ``(None, (reason, detail))`` for a bad input."""
   try:
-    return task, fn(task, options), None
+    return fn(task, options), None
   except VideoDecodeError as e:
-    return task, None, (e.reason, e.detail)
+    return None, (e.reason, e.detail)
 
 
 def parallel_map(fn: Callable[[VideoTask, EncodeOptions], Any], tasks: Sequence[VideoTask], options: EncodeOptions,
-                 num_workers: int = 0, desc: str = "", progress: bool = False
+                 pool: isolated.IsolatedPool, desc: str = "", progress: bool = False
                  ) -> Iterator[Tuple[VideoTask, Any, Optional[Tuple[str, str]]]]:
-  """Ordered ``_call(fn, task, options)`` over tasks, in ``num_workers`` processes (0: in this process)."""
+  """Ordered ``(task, fn(task, options), None)`` or ``(task, None, (reason, detail))``, run in ``pool``.
+
+  ``fn`` must be a module-level function (it is pickled by name). A bad input (VideoDecodeError) and a worker
+  lost while running a task (``decoder_crashed`` / ``decoder_timeout``) both give a reason.
+  """
   bar = None
   if progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=len(tasks), desc=desc, unit="video")
   try:
-    if num_workers <= 0:
-      results = (_call(fn, t, options) for t in tasks)
-      for r in results:
-        if bar:
-          bar.update(1)
-        yield r
-    else:
-      ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX / threads
-      with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
-        for r in pool.map(_call, [fn] * len(tasks), tasks, [options] * len(tasks), chunksize=1):
-          if bar:
-            bar.update(1)
-          yield r
+    for task, out in zip(tasks, pool.map(_call, [(fn, t, options) for t in tasks])):
+      if bar:
+        bar.update(1)
+      if isinstance(out, isolated.WorkerLost):
+        logging.warning("%s: %s while reading %s (%s); skipping it", desc or "decoding", out.reason, task.path,
+                        out.detail)
+        yield task, None, (out.reason, out.detail)
+      else:
+        yield (task,) + out
   finally:
     if bar:
       bar.close()
@@ -247,6 +257,7 @@ class VideoBuilderConfig(tfds.core.BuilderConfig):
   """Options shared by the video builders (the config ``name`` is the dataset's config directory)."""
   source: str = ""
   short_side: int = 256
+  min_short_side: int = 64  # smaller videos are skipped (``too_small``), not upscaled
   max_fps: float = 30.0
   min_seconds: float = 1.0
   max_seconds: Optional[float] = 60.0
@@ -254,14 +265,15 @@ class VideoBuilderConfig(tfds.core.BuilderConfig):
   val_fraction: float = 0.05
   max_examples: Optional[int] = None  # number of source videos used (in sorted order), for quick runs
   jpeg_quality: int = 90
-  num_workers: int = 0
+  num_workers: int = 0  # decoding worker processes; 0 or 1: one (files are never decoded in this process)
+  decode_timeout: Optional[float] = None  # seconds per file before its worker is killed (``decoder_timeout``)
   progress: bool = False
 
   @property
   def encode_options(self) -> EncodeOptions:
-    return EncodeOptions(short_side=self.short_side, max_fps=self.max_fps, min_seconds=self.min_seconds,
-                         max_seconds=self.max_seconds, clip_seconds=self.clip_seconds,
-                         jpeg_quality=self.jpeg_quality)
+    return EncodeOptions(short_side=self.short_side, min_short_side=self.min_short_side, max_fps=self.max_fps,
+                         min_seconds=self.min_seconds, max_seconds=self.max_seconds,
+                         clip_seconds=self.clip_seconds, jpeg_quality=self.jpeg_quality)
 
 
 class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -282,6 +294,7 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._skips = SkipCounter()
     self._num_videos = 0
     self._num_examples = 0
+    self._pool: Optional[isolated.IsolatedPool] = None
 
   # Subclass hooks.
   def _label_specs(self) -> Tuple[LabelSpec, ...]:
@@ -300,6 +313,13 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def skips(self) -> SkipCounter:
     return self._skips
 
+  def _decode_pool(self) -> isolated.IsolatedPool:
+    """The decoding workers, started on first use and shared by probing and every split's encoding."""
+    if self._pool is None:
+      cfg: VideoBuilderConfig = self.builder_config
+      self._pool = isolated.IsolatedPool(max(1, cfg.num_workers), timeout=cfg.decode_timeout)
+    return self._pool
+
   def _fail(self, what: str):
     raise NoUsableVideosError(
         f"{self.name}: no usable videos in {self.builder_config.source!r} ({what}).\n{self._skips.report()}")
@@ -317,7 +337,7 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     while pending and (cfg.max_examples is None or len(usable) < cfg.max_examples):
       want = len(pending) if cfg.max_examples is None else cfg.max_examples - len(usable)
       chunk, pending = pending[:want], pending[want:]
-      for task, _, err in parallel_map(probe_task, chunk, options, cfg.num_workers, "probing", cfg.progress):
+      for task, _, err in parallel_map(probe_task, chunk, options, self._decode_pool(), "probing", cfg.progress):
         if err:
           self._skips.add(err[0], task.key, err[1])
         else:
@@ -333,7 +353,7 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, tasks: Sequence[VideoTask], split: str = ""):
     cfg: VideoBuilderConfig = self.builder_config
-    for task, examples, err in parallel_map(encode_task, tasks, cfg.encode_options, cfg.num_workers,
+    for task, examples, err in parallel_map(encode_task, tasks, cfg.encode_options, self._decode_pool(),
                                             f"encoding {split}".strip(), cfg.progress):
       if err:
         self._skips.add(err[0], task.key, err[1])
@@ -350,13 +370,17 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if "No examples" not in str(e):
         raise
       self._fail("a split lost all its videos while decoding")
+    finally:
+      if self._pool is not None:
+        self._pool.close()
+        self._pool = None
     if self._num_examples == 0:
       self._fail("every video failed to decode")
     self.info.metadata["skipped"] = self._skips.as_dict()
     self.info.metadata["num_videos"] = self._num_videos
     cfg = self.builder_config
     self.info.metadata["options"] = {k: getattr(cfg, k) for k in (
-        "source", "short_side", "max_fps", "min_seconds", "max_seconds", "clip_seconds", "val_fraction",
-        "max_examples", "jpeg_quality")}
+        "source", "short_side", "min_short_side", "max_fps", "min_seconds", "max_seconds", "clip_seconds",
+        "val_fraction", "max_examples", "jpeg_quality")}
     logging.warning("%s: %d videos -> %d examples; %s", self.name, self._num_videos, self._num_examples,
                     self._skips.report())

@@ -56,6 +56,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("data_dir", None, "TFDS data directory to write to", flag_values=fv)
   flags.DEFINE_string("name", "default", "config name: the dataset is <builder>/<name>", flag_values=fv)
   flags.DEFINE_integer("short_side", 256, "stored frames: short side in pixels", flag_values=fv)
+  flags.DEFINE_integer("min_short_side", 64, "videos with a smaller short side (pixels) are skipped", flag_values=fv)
   flags.DEFINE_float("max_fps", 30.0, "stored frame rate cap (source fps if lower)", flag_values=fv)
   flags.DEFINE_float("min_seconds", 1.0, "shorter videos are skipped", flag_values=fv)
   # Strings, so that "", "none" or "0" can mean no limit (parsed in ``run``).
@@ -65,7 +66,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_float("val_fraction", 0.05, "stable-hash fraction for 'validation'", flag_values=fv)
   flags.DEFINE_integer("max_examples", None, "use at most this many source videos", flag_values=fv)
   flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the stored frames", flag_values=fv)
-  flags.DEFINE_integer("num_workers", 0, "decode in this many processes", flag_values=fv)
+  flags.DEFINE_integer("num_workers", 0, "decode in this many worker processes (0: one)", flag_values=fv)
+  flags.DEFINE_float("decode_timeout", None, "seconds per video before its decoder is killed and the video "
+                     "skipped (default: no limit)", flag_values=fv)
   flags.DEFINE_string("label_fields", "", "video_folder: e.g. 'day_night=day|night,crowdedness'", flag_values=fv)
   flags.DEFINE_string("labels_file", None, "video_folder: labels.json / .csv (default: in SOURCE)", flag_values=fv)
   flags.DEFINE_string("file_column", "file", "video_folder: file column of a labels CSV", flag_values=fv)
@@ -85,9 +88,10 @@ def run(fv: flags.FlagValues) -> int:
 
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   tfds.disable_progress_bar()  # our own tqdm bars count videos
-  options = dict(short_side=fv.short_side, max_fps=fv.max_fps, min_seconds=fv.min_seconds,
-                 val_fraction=fv.val_fraction, max_examples=fv.max_examples, jpeg_quality=fv.jpeg_quality,
-                 num_workers=fv.num_workers, progress=True, **seconds)
+  options = dict(short_side=fv.short_side, min_short_side=fv.min_short_side, max_fps=fv.max_fps,
+                 min_seconds=fv.min_seconds, val_fraction=fv.val_fraction, max_examples=fv.max_examples,
+                 jpeg_quality=fv.jpeg_quality, num_workers=fv.num_workers, decode_timeout=fv.decode_timeout,
+                 progress=True, **seconds)
   if fv.builder == "video_folder":
     options.update(label_fields=tuple(s for s in fv.label_fields.split(",") if s.strip()),
                    labels_file=fv.labels_file, file_column=fv.file_column)

@@ -1,4 +1,5 @@
-"""TFDS builders (video_folder, webvid): examples, labels, stored frames, splits, skipped inputs, read-back."""
+"""TFDS builders (video_folder, webvid): examples, labels, stored frames, splits, skipped inputs, read-back,
+and data preparation surviving hostile inputs and crashing decoders."""
 
 import csv
 import json
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import fuzz_videos
 from data_pipelines import common, prepare
 from videoldm_jax.data import records, video
 
@@ -17,7 +19,7 @@ BITS = 8
 tfds.disable_progress_bar()
 
 
-def pattern_frames(n, h=32, w=48):
+def pattern_frames(n, h=64, w=96):
   out = np.zeros((n, h, w, 3), np.uint8)
   for k in range(n):
     for b in range(BITS):
@@ -42,7 +44,7 @@ def write_bad_files(d, names=("zero.mp4", "text.mp4", "truncated.mp4", "notes.tx
     elif name.startswith("truncated"):
       video.write_video(path, pattern_frames(45), 15, faststart=True)
       data = open(path, "rb").read()
-      open(path, "wb").write(data[:len(data) // 3])
+      open(path, "wb").write(data[:len(data) // 2])
     else:
       open(path, "w").write("this is text\n" * 40)
     out[name] = path
@@ -63,6 +65,8 @@ def folder(tmp_path_factory):
     video.write_video(os.path.join(root, rel), pattern_frames(n), fps)
     labels[rel] = {"day_night": dn, "crowdedness": crowd, "caption": f"clip {rel}"}
   video.write_video(os.path.join(root, "short.mp4"), pattern_frames(5), 15)  # 0.33 s < min_seconds
+  video.write_video(os.path.join(root, "one_frame.mp4"), pattern_frames(1), 15)  # also too short
+  video.write_video(os.path.join(root, "tiny.mp4"), pattern_frames(30, 2, 2), 15)  # 2x2 < min_short_side
   video.write_video(os.path.join(root, "unlabelled.mp4"), pattern_frames(30), 15)  # no labels entry
   video.write_video(os.path.join(root, "badlabel.mp4"), pattern_frames(30), 15)
   labels["badlabel.mp4"] = {"day_night": "dusk", "crowdedness": 1}  # not a declared class
@@ -70,7 +74,8 @@ def folder(tmp_path_factory):
   for name in bad:
     labels[name] = {"day_night": 0, "crowdedness": 1}
   labels["gone.mp4"] = {"day_night": 0, "crowdedness": 1}  # listed, no file
-  labels["short.mp4"] = {"day_night": 0, "crowdedness": 1}
+  for name in ("short.mp4", "one_frame.mp4", "tiny.mp4"):
+    labels[name] = {"day_night": 0, "crowdedness": 1}
   json.dump(labels, open(os.path.join(root, "labels.json"), "w"))
   return root
 
@@ -83,8 +88,8 @@ def prepared(folder, tmp_path_factory):
   return b, data_dir
 
 
-EXPECTED_SKIPS = {"bad_metadata": 2, "missing_file": 1, "not_video": 1, "too_short": 1, "truncated": 1,
-                  "unreadable": 1, "zero_byte": 1}
+EXPECTED_SKIPS = {"bad_metadata": 2, "missing_file": 1, "not_video": 1, "too_short": 2, "too_small": 1,
+                  "truncated": 1, "unreadable": 1, "zero_byte": 1}
 
 
 def test_video_folder_examples_labels_and_skips(prepared):
@@ -106,7 +111,7 @@ def test_video_folder_examples_labels_and_skips(prepared):
     # Frames at k / stored_fps up to the last source frame (plus half a source frame of display time).
     expected_frames = int(np.floor(((n - 1) / fps + 0.5 / fps) * stored_fps + 1e-6)) + 1
     assert ex["num_frames"] == len(ex["frames"]) == expected_frames
-    assert (ex["height"], ex["width"]) == (32, 48)  # never upscaled to short_side=256
+    assert (ex["height"], ex["width"]) == (64, 96)  # never upscaled to short_side=256
     # Stored frames are the source frames nearest to k / stored_fps.
     frames = records.decode_jpeg_frames(ex["frames"], range(len(ex["frames"])))
     np.testing.assert_array_equal(read_pattern(frames), np.round(np.arange(len(frames)) * fps / stored_fps))
@@ -196,3 +201,53 @@ def test_data_source_reads_back_without_tensorflow_or_builder_code(prepared):
   assert out.returncode == 0, out.stderr[-2000:]
   n, rest = out.stdout.split()[0], out.stdout.split()[1:]
   assert int(n) == len(GOOD) and "'crowdedness'," in rest[0]
+
+
+def test_min_short_side_is_an_option(tmp_path):
+  src = str(tmp_path / "src")
+  os.makedirs(src)
+  video.write_video(os.path.join(src, "a.mp4"), pattern_frames(20, 32, 48), 15)
+  video.write_video(os.path.join(src, "b.mp4"), pattern_frames(20, 16, 24), 15)
+  data_dir = str(tmp_path / "tfds")
+  assert prepare.main(["--builder=video_folder", f"--source={src}", f"--data_dir={data_dir}", "--name=small",
+                       "--min_short_side=32", "--val_fraction=0"]) == 0
+  b = tfds.builder("video_folder/small", data_dir=data_dir)
+  assert b.info.metadata["skipped"] == {"too_small": 1} and b.info.metadata["num_videos"] == 1
+  assert b.info.metadata["options"]["min_short_side"] == 32
+
+
+def test_decoder_crashes_skip_only_that_video(tmp_path, monkeypatch):
+  # The builder's own probe / encode run in its workers, except that these file names make the worker die there.
+  monkeypatch.setattr(common, "probe_task", fuzz_videos.probe_or_crash)
+  monkeypatch.setattr(common, "encode_task", fuzz_videos.encode_or_crash)
+  src = str(tmp_path / "src")
+  os.makedirs(src)
+  names = ["a_good.mp4", "b_segv_probe.mp4", "c_good.mp4", "d_abort_encode.mp4", "e_hang_encode.mp4", "f_good.mp4"]
+  for name in names:
+    video.write_video(os.path.join(src, name), pattern_frames(15), 15)
+  data_dir = str(tmp_path / "tfds")
+  b = prepare.build("video_folder", src, data_dir, "crash", num_workers=2, decode_timeout=5.0, val_fraction=0.0)
+  assert b.info.metadata["skipped"] == {"decoder_crashed": 2, "decoder_timeout": 1}
+  ds = tfds.data_source("video_folder/crash", data_dir=data_dir, split="train")
+  assert sorted(records.text(ds[i]["file"]) for i in range(len(ds))) == ["a_good.mp4", "c_good.mp4", "f_good.mp4"]
+  for i in range(len(ds)):
+    frames = records.decode_jpeg_frames(ds[i]["frames"], range(len(ds[i]["frames"])))
+    np.testing.assert_array_equal(read_pattern(frames), np.arange(15))
+
+
+def test_fuzzed_inputs_are_kept_or_skipped_never_fatal(tmp_path):
+  src = str(tmp_path / "src")
+  paths = fuzz_videos.write_fuzz_videos(src)
+  for name in ("good_a.mp4", "good_b.mp4"):
+    video.write_video(os.path.join(src, name), pattern_frames(15), 15)
+  data_dir = str(tmp_path / "tfds")
+  b = prepare.build("video_folder", src, data_dir, "fuzz", min_seconds=0.0, num_workers=2, val_fraction=0.0)
+  skipped, num_videos = b.info.metadata["skipped"], b.info.metadata["num_videos"]
+  assert num_videos + sum(skipped.values()) == len(paths) + 2  # every input is accounted for
+  assert common.DECODER_CRASHED not in skipped and skipped[common.TOO_SMALL] == 1  # tiny_2x2
+  assert skipped[video.VideoDecodeError.NO_VIDEO_STREAM] >= 1  # audio_only (and some corrupted headers)
+  ds = tfds.data_source("video_folder/fuzz", data_dir=data_dir, split="train")
+  kept = {os.path.splitext(records.text(ds[i]["file"]))[0] for i in range(len(ds))}
+  expected = {"good_a", "good_b", "one_frame", "same_pts", "zero_duration", "contradicted_size",
+              *(f"pix_{name}" for name, *_ in fuzz_videos.PIXEL_FORMATS)}
+  assert expected <= kept and not kept & {"tiny_2x2", "audio_only", "refused_size", "rawbig"}

@@ -1,6 +1,9 @@
 """grain input pipeline: determinism, per-process shards, exact resume, global arrays, CFG dropout, bad records."""
 
 import os
+import subprocess
+import sys
+import threading
 
 import jax
 import numpy as np
@@ -47,6 +50,70 @@ def test_label_selection_and_host_tokenization():
   np.testing.assert_array_equal(batch["caption_ids"][:, 0], [len(c) for c in batch["caption"]])
   with pytest.raises(KeyError, match="unknown data config"):
     pipeline.make_iterator({**SMALL, "num_frame": 4}, 2)
+
+
+def test_tokenize_fn_first_runs_in_the_calling_thread():
+  first = []
+
+  def tokenize(text):
+    if not first:
+      first.append(threading.get_ident())
+    return [len(text)]
+
+  it = pipeline.make_iterator({**SMALL, "read_threads": 4}, 4, tokenize_fn=tokenize)
+  assert first == [threading.get_ident()]  # loaded here, before the read threads call it concurrently
+  assert next(it)["caption_ids"].shape == (4, 1)
+
+
+# Fresh interpreters: the failure needs transformers' first import to happen in several threads at once.
+_CLIP_FROM_THREADS = r"""
+import sys, threading
+from videoldm_jax.models import tokenizer
+assert "transformers" not in sys.modules
+barrier = threading.Barrier(8)
+got, errors = [], []
+
+def load():
+  barrier.wait()  # all eight reach the first import together
+  try:
+    tok = tokenizer.load_clip_tokenizer()
+    got.append((id(tok), tuple(tokenizer.tokenize(tok, "a red car at night")[0, :7].tolist())))
+  except Exception as e:
+    errors.append(repr(e))
+
+threads = [threading.Thread(target=load) for _ in range(8)]
+for t in threads:
+  t.start()
+for t in threads:
+  t.join()
+assert not errors, errors
+assert len(got) == 8 and len(set(got)) == 1, got  # one tokenizer object, built once
+print(list(got[0][1]))
+"""
+
+_CLIP_PIPELINE = r"""
+import numpy as np
+from videoldm_jax.data import pipeline
+from videoldm_jax.models import tokenizer
+
+def tokenize(text):  # what the text-to-video task hands the pipeline
+  return tokenizer.tokenize(tokenizer.load_clip_tokenizer(), text)[0]
+
+config = dict(num_frames=2, height=16, width=32, read_threads=8, prefetch=8, cond_drop_prob=0.0,
+              synthetic=dict(num_examples=64))
+batch = next(pipeline.make_iterator(config, 8, tokenize_fn=tokenize))
+assert batch["caption_ids"].shape == (8, 77) and (batch["caption_ids"][:, 0] == 49406).all()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("script", [_CLIP_FROM_THREADS, _CLIP_PIPELINE], ids=["threads", "pipeline"])
+def test_clip_tokenizer_first_loaded_from_many_threads(script, tmp_path):
+  env = dict(os.environ, VIDEOLDM_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  if script is _CLIP_FROM_THREADS:
+    assert out.stdout.split("\n")[-2] == "[49406, 320, 736, 1615, 536, 930, 49407]"  # CLIP ids of the caption
 
 
 def test_same_seed_same_batches_other_seed_differs():
@@ -171,7 +238,7 @@ def tfds_dataset(tmp_path_factory):
   for i, (fps, n) in enumerate([(30, 90), (15, 45), (15, 20)]):  # 3 s, 3 s, 1.33 s
     video.write_video(os.path.join(src, f"v{i}.mp4"), _pattern(n), fps)
   data_dir = str(tmp_path_factory.mktemp("tfds"))
-  prepare.build("video_folder", src, data_dir, "t", val_fraction=0.0, max_fps=30.0)
+  prepare.build("video_folder", src, data_dir, "t", val_fraction=0.0, max_fps=30.0, min_short_side=32)
   return data_dir
 
 

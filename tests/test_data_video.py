@@ -1,10 +1,14 @@
-"""PyAV decoding: frames picked by timestamp at a target fps, resize / crop, and the error reasons."""
+"""PyAV decoding: frames picked by timestamp at a target fps, resize / crop, the error reasons, hostile inputs."""
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+import fuzz_videos
 from videoldm_jax.data import video
 
 BITS = 8
@@ -141,3 +145,52 @@ def test_decode_error_pickles_with_reason():
   e = pickle.loads(pickle.dumps(video.VideoDecodeError("/x.mp4", "truncated", "detail")))
   assert (e.path, e.reason, e.detail) == ("/x.mp4", "truncated", "detail")
   assert os.fspath("/x.mp4") in str(e)
+
+
+# A separate interpreter reads the hostile inputs, so that a crash inside FFmpeg fails this test, not the run.
+_FUZZ_READER = r"""
+import json, sys
+import numpy as np
+import fuzz_videos
+from videoldm_jax.data import video
+for name, path in sorted(json.loads(sys.argv[1]).items()):
+  got = {}
+  print(name, end="\t", flush=True)  # a crash leaves the culprit's name as the last output
+  try:
+    info = video.probe(path)
+    got["probe"] = [info.height, info.width, info.num_frames]
+    frames = np.stack([f for _, f in video.iter_frames(path)])
+    got["shape"] = list(frames.shape)
+    got["pattern"] = fuzz_videos.read_pattern(frames).tolist()
+    got["clip"] = list(video.decode_clip(path, 1, 15.0, size=(32, 32), rng=np.random.default_rng(0)).shape)
+  except video.VideoDecodeError as e:
+    got["error"] = e.reason
+  except Exception as e:  # anything else is a bug: a bad file must raise VideoDecodeError
+    got["unexpected"] = f"{type(e).__name__}: {e}"
+  print(json.dumps(got), flush=True)
+"""
+
+
+def test_fuzzed_inputs_decode_or_raise_a_reason(tmp_path):
+  paths = fuzz_videos.write_fuzz_videos(str(tmp_path))
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+  out = subprocess.run([sys.executable, "-c", _FUZZ_READER, json.dumps(paths)], capture_output=True, text=True,
+                       timeout=120, env=env)
+  last = out.stdout.splitlines()[-1:]
+  assert out.returncode == 0, f"reader died ({out.returncode}) at {last}: {out.stderr[-1500:]}"
+  got = {line.split("\t")[0]: json.loads(line.split("\t")[1]) for line in out.stdout.splitlines()}
+  assert sorted(got) == sorted(paths)
+  assert not {k: v for k, v in got.items() if "unexpected" in v}
+  readable = {"one_frame": 1, "same_pts": 5, "zero_duration": 30, "contradicted_size": 30,
+              **{f"pix_{name}": 20 for name, *_ in fuzz_videos.PIXEL_FORMATS}}
+  for name, n in readable.items():
+    assert got[name]["probe"] == [64, 64, n], (name, got[name])
+    assert got[name]["shape"] == [n, 64, 64, 3] and got[name]["pattern"] == list(range(n)), (name, got[name])
+    assert got[name]["clip"] == [1, 32, 32, 3], (name, got[name])
+  assert got["tiny_2x2"]["shape"] == [20, 2, 2, 3]  # readable; the builders skip it (min_short_side)
+  assert got["refused_size"]["error"] == video.VideoDecodeError.UNREADABLE
+  assert got["rawbig"] == {"probe": [8000, 8000, 10], "error": video.VideoDecodeError.TRUNCATED}
+  assert got["audio_only"]["error"] == video.VideoDecodeError.NO_VIDEO_STREAM
+  corrupt = {k: v for k, v in got.items() if k.startswith("corrupt_")}
+  assert len(corrupt) >= 15 and any("error" in v for v in corrupt.values())

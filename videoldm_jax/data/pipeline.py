@@ -270,8 +270,13 @@ def make_dataset(config: Mapping[str, Any], batch_size: int, *, process_index: O
   """Per-process ``grain.IterDataset`` of numpy batches of ``batch_size`` (this process's share).
 
   ``process_index / process_count`` default to JAX's; ``source`` overrides ``make_source(config)``.
+  ``tokenize_fn`` is called once here, in the calling thread, before grain's read threads call it concurrently.
   """
   config = with_defaults(config)
+  if tokenize_fn is not None:
+    # The first call loads the tokenizer (a CLIP tokenizer imports transformers, whose lazy module fails when
+    # several threads import through it at once), and a missing dependency fails here, not in a read thread.
+    tokenize_fn("")
   if process_index is None:
     process_index = jax.process_index()
   if process_count is None:

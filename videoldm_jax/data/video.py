@@ -83,6 +83,16 @@ def _open(src: PathOrBytes) -> Tuple["av.container.InputContainer", "av.video.st
     container.close()
     raise VideoDecodeError(_name(src), VideoDecodeError.NO_VIDEO_STREAM)
   stream = container.streams.video[0]
+  codec = stream.codec_context  # None when FFmpeg has no decoder for the stream (e.g. a mangled codec tag)
+  if codec is None:
+    detail = "no decoder for the video stream"
+  elif codec.width <= 0 or codec.height <= 0:  # e.g. a declared size FFmpeg refused as absurd
+    detail = f"frame size {codec.width}x{codec.height}"
+  else:
+    detail = ""
+  if detail:  # (worded before close(): the stream is freed with the container)
+    container.close()
+    raise VideoDecodeError(_name(src), VideoDecodeError.UNREADABLE, detail)
   stream.thread_type = "AUTO"
   return container, stream
 
@@ -126,8 +136,11 @@ def probe(src: PathOrBytes) -> VideoInfo:
           times.append(float(ts * packet.time_base))
     except (av.FFmpegError, OSError) as e:
       raise VideoDecodeError(_name(src), VideoDecodeError.TRUNCATED, f"demux: {e}") from None
+    # Everything read from the stream must be read now: its FFmpeg structures are freed by close(), and touching
+    # them afterwards is a use after free (it crashed on one-frame videos).
     declared = _declared_duration(container, stream)
     height, width = stream.codec_context.height, stream.codec_context.width
+    nominal_fps = _nominal_fps(stream) or 30.0
   finally:
     container.close()
   if not times:
@@ -135,9 +148,9 @@ def probe(src: PathOrBytes) -> VideoInfo:
   times = np.sort(np.asarray(times))
   if len(times) > 1:
     dt = float(np.median(np.diff(times)))
-    fps = 1.0 / dt if dt > 0 else (_nominal_fps(stream) or 30.0)
+    fps = 1.0 / dt if dt > 0 else nominal_fps
   else:
-    fps = _nominal_fps(stream) or 30.0
+    fps = nominal_fps
   duration = float(times[-1] - times[0]) + 1.0 / fps
   if declared is not None and duration < 0.9 * declared - 1.0 / fps:
     raise VideoDecodeError(_name(src), VideoDecodeError.TRUNCATED,

@@ -1,6 +1,8 @@
 r"""Driving-scene Video LDM (the paper's RDS pipeline) on the embedded synthetic driving scenes.
 
 Stages (``stage=``): ``autoencoder`` (optional: the KL-f8 VAE on single frames, L1 + LPIPS + KL + PatchGAN),
+``decoder`` (the autoencoder's decoder given temporal layers and fine-tuned on 30 fps clips against a 3D
+PatchGAN, encoder frozen; the pipeline's last step decodes with it),
 ``image`` (image LDM on single frames, labels day/night + crowdedness, CFG dropout 0.1) and ``base`` (key-frame
 video LDM: the image LDM frozen, only the temporal layers train), ``predictor`` (the base model + mask
 conditioning on 0-2 context frames, for long rollouts) and ``interpolator`` (3 frames between key frames, one
@@ -38,10 +40,12 @@ pre-encoded latents ``--config.data.source=latents --config.data.data_dir=...``.
 from videoldm_jax import config_lib, tasks
 
 # The stages of the default run (no ``stage=``), trained in this order, each initialised from the previous.
-CHAIN = ("autoencoder", "image", "base", "predictor", "interpolator")
+CHAIN = ("autoencoder", "image", "base", "predictor", "interpolator", "decoder")
+INIT_FROM = {"decoder": "autoencoder"}  # the video decoder starts from the autoencoder, not the interpolator
 # runlocal chain: more steps than the stage-by-stage smoke runs (on a CPU a step costs far less than compiling it),
 # so that its videos show a road under a day or night sky.
-RUNLOCAL_CHAIN_STEPS = {"autoencoder": 100, "image": 400, "base": 80, "predictor": 200, "interpolator": 200}
+RUNLOCAL_CHAIN_STEPS = {"autoencoder": 100, "image": 400, "base": 80, "predictor": 200, "interpolator": 200,
+                        "decoder": 60}
 RUNLOCAL_CHAIN_SECONDS = 32.0  # length of the chain's closing pipeline video (at the interpolated 30 fps)
 
 
@@ -59,6 +63,7 @@ def get_config(arg=None):
   a = config_lib.parse_arg(arg, stage=config_lib.CHAIN, runlocal=False)
   if a.stage == config_lib.CHAIN:
     c = config_lib.chain_config(get_config, CHAIN, a)
+    c.init_from = dict(INIT_FROM)
     c.sample_seconds = RUNLOCAL_CHAIN_SECONDS  # the closing video: key frames -> rollout -> x4 -> x4 (30 fps)
     if a.runlocal:
       _runlocal_chain(c)
@@ -90,6 +95,22 @@ def get_config(arg=None):
     c.optimizer.warmup_steps = 0
     c.optimizer.grad_clip = 0.0
     c.sampling.fps = 1.0
+  elif a.stage == "decoder":  # Sec. 3.3: video fine-tuning of the decoder on clips at the pipeline's final 30 fps
+    c.data.num_frames = 8
+    c.data.fps = 30.0
+    c.data.cond_drop_prob = 0.0
+    c.model.vae_overrides = dict(temporal_decoder=True)
+    c.trainable = r"vae/(decoder|post_quant_conv)/.*|discriminator/.*"
+    c.model_init_missing_ok = r"vae/decoder/.*temporal.*|(discriminator|lpips)/.*"  # model_init: an autoencoder
+    c.model_init_skip = r"discriminator/.*"  # the autoencoder's judges frames; this one judges clips
+    c.batch_size = 8  # clips: 64 frames, as the autoencoder's batch
+    c.total_steps = 50_000
+    c.optimizer.lr = 2.9e-4
+    c.optimizer.b1, c.optimizer.b2 = 0.5, 0.9
+    c.optimizer.warmup_steps = 0
+    c.optimizer.grad_clip = 0.0
+    c.autoencoder.disc_start = 0  # the decoder starts from a trained one: the video discriminator judges at once
+    c.sampling.fps = 30.0
   elif a.stage == "image":
     c.data.num_frames = 1
     c.data.fps = 1.0
@@ -136,8 +157,8 @@ def get_config(arg=None):
     c.optimizer.lr = 1e-4
     c.optimizer.warmup_steps = 1000
   else:
-    raise ValueError(f"configs/rds.py: stage={a.stage!r} is not available (autoencoder, image, base, predictor, "
-                     "interpolator)")
+    raise ValueError(f"configs/rds.py: stage={a.stage!r} is not available (autoencoder, decoder, image, base, "
+                     "predictor, interpolator)")
 
   if a.runlocal:
     config_lib.runlocal(c)
@@ -148,6 +169,12 @@ def get_config(arg=None):
       # has converged (held-out PSNR 23.5 dB vs 25.2 dB without it); at 0.05 the GAN still learns (d_loss 0.99 ->
       # 0.24) and the decoder stays smooth (25.2 dB; mean-frame baseline 15.0 dB).
       c.autoencoder.disc_weight = 0.05
+      c.autoencoder.discriminator = dict(ndf=8, n_layers=2)
+    elif a.stage == "decoder":
+      c.optimizer.lr = 5e-4
+      c.batch_size = 4
+      c.total_steps = 40
+      c.autoencoder.disc_weight = 0.05  # as the runlocal autoencoder
       c.autoencoder.discriminator = dict(ndf=8, n_layers=2)
     elif a.stage == "image":
       c.total_steps = 60

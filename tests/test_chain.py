@@ -1,5 +1,5 @@
 """The default run: ``configs/rds.py:runlocal`` trains the whole chain (autoencoder -> image -> base -> predictor ->
-interpolator), each stage in its own subfolder and initialised from the previous ones, writes sample videos;
+interpolator -> decoder), each stage in its own subfolder and initialised from the previous ones, writes sample videos;
 rerunning skips finished stages; the sample CLI writes a readable mp4, a gif and a contact sheet from the workdir,
 one stage's clips or the long-video pipeline. Tiny budgets (a few steps per
 stage, XLA -O0): this checks the plumbing, not the quality."""
@@ -21,7 +21,7 @@ from configs import rds
 from videoldm_jax import config_lib, parallel, sample, sampling, tasks, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = {"autoencoder": 2, "image": 3, "base": 2, "predictor": 2, "interpolator": 2}
+STEPS = {"autoencoder": 2, "image": 3, "base": 2, "predictor": 2, "interpolator": 2, "decoder": 2}
 BASE_FRAMES = 3
 INTERP_FRAMES = 5  # 2 key frames per interpolator window
 
@@ -33,9 +33,10 @@ def _overrides():
     p = f"--config.stages.{name}."
     flags += [f"{p}total_steps={steps}", f"{p}eval_every_steps=0", f"{p}sample_every_steps=0",
               f"{p}checkpoint_every_steps=0", f"{p}cpu_fast_compile=True"]
-    if name != "autoencoder":  # DDIM steps: a setting of the diffusion stages only
+    if name not in ("autoencoder", "decoder"):  # DDIM steps: a setting of the diffusion stages only
       flags.append(f"{p}sampling.num_steps=2")
   flags += ["--config.stages.autoencoder.autoencoder.disc_weight=0.0",
+            "--config.stages.decoder.data.num_frames=3", "--config.stages.decoder.decoder.decode_window=8",
             f"--config.stages.base.data.num_frames={BASE_FRAMES}",
             f"--config.stages.predictor.data.num_frames={BASE_FRAMES}",
             f"--config.stages.interpolator.data.num_frames={INTERP_FRAMES}"]
@@ -68,11 +69,21 @@ def chain(tmp_path_factory):
   """The tiny chain. Its closing call of the sampler is recorded instead of run: the sample CLI test below runs it
   (writing the same WORKDIR/sample.* files), and each sampler compile costs ~20 s here."""
   workdir = tmp_path_factory.mktemp("chain") / "rds"
-  calls = []
+  calls, frozen = [], {}
+  train_stage = train.train_and_evaluate
+
+  def train_and_keep_frozen(config, stage_dir):  # the chain drops a finished stage's params from memory
+    res = train_stage(config, stage_dir)
+    frozen[config.stage] = res.frozen
+    return res
+
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(sampling, "sample_workdir", lambda *a, **kw: calls.append((a, kw)) or {})
+    mp.setattr(train, "train_and_evaluate", train_and_keep_frozen)
     results = train.train_chain(_tiny_chain_config(), str(workdir))
   assert calls == [((str(workdir),), dict(num_samples=2, batch_size=2))]
+  for name, params in frozen.items():
+    results[name].frozen = params
   return workdir, results
 
 
@@ -85,30 +96,33 @@ def _state(stage_dir):
 def test_default_config_is_the_chain():
   config = rds.get_config("runlocal")
   assert config_lib.is_chain(config) and tuple(config.chain) == rds.CHAIN == ("autoencoder", "image", "base",
-                                                                          "predictor", "interpolator")
+                                                                          "predictor", "interpolator", "decoder")
   tasks.validate(config)
   assert all(config.stages[s].stage == s and config.stages[s].runlocal for s in config.chain)
-  config.chain = ("image", "decoder")
-  with pytest.raises(ValueError, match="'decoder'"):
+  config.chain = ("image", "upsampler")
+  with pytest.raises(ValueError, match="'upsampler'"):
+    tasks.validate(config)
+  config.chain = ("decoder", "autoencoder")  # init_from names a stage that comes later
+  with pytest.raises(ValueError, match="config.init_from.decoder='autoencoder'"):
     tasks.validate(config)
 
 
 def test_chain_trains_every_stage_from_the_previous(chain):
   workdir, results = chain
-  assert list(results) == ["autoencoder", "image", "base", "predictor", "interpolator"]
+  assert list(results) == ["autoencoder", "image", "base", "predictor", "interpolator", "decoder"]
   for name, steps in STEPS.items():
     assert results[name] is not None and results[name].step == steps
     assert _state(workdir / name)[0] == steps
   # Each stage names the previous stage's workdir as its source; nothing was initialised at random and saved.
   assert not (workdir / "autoencoder" / "model_init.json").exists()
   for name, prev in (("image", "autoencoder"), ("base", "image"), ("predictor", "base"),
-                     ("interpolator", "predictor")):
+                     ("interpolator", "predictor"), ("decoder", "autoencoder")):
     assert (workdir / name / "model_init.json").read_text().count(str(workdir / prev)) == 1
     assert not (workdir / name / "frozen").exists()
   # The latent scale every diffusion stage used is the one the autoencoder run measured (1 / z_std).
   scale = json.loads((workdir / "autoencoder" / "info.json").read_text())["vae_scaling_factor"]
   assert 0.1 < scale < 100
-  for name in ("image", "base", "predictor", "interpolator"):
+  for name in ("image", "base", "predictor", "interpolator", "decoder"):
     stage_config = json.loads((workdir / name / "config.json").read_text())
     assert stage_config["model"]["vae_overrides"]["scaling_factor"] == pytest.approx(scale, rel=1e-6), name
 
@@ -165,8 +179,8 @@ def test_sample_cli_writes_mp4_gif_and_contact_sheet(chain, capsys):
     assert float(f.streams.video[0].average_rate) == 30.0
 
   with pytest.raises(SystemExit):  # a stage the chain does not have is named
-    sample.main([f"--workdir={workdir}", "--stage=decoder"])
-  assert "'decoder'" in capsys.readouterr().err
+    sample.main([f"--workdir={workdir}", "--stage=upsampler"])
+  assert "'upsampler'" in capsys.readouterr().err
 
 
 def test_rerun_skips_finished_stages(chain):

@@ -334,6 +334,39 @@ class Interpolation(Step):
     return Stream(chunks, total, fps, stream.decode)
 
 
+class WindowedDecode(Step):
+  """Latents -> pixels with a video decoder: ``decode_clip(z [b, window + 2 halo, h, w, c]) -> uint8 [b, same, H,
+  W, 3]`` over ``models.vae.decode_windows`` of the stream (exact when ``halo`` is the decoder's temporal receptive
+  field), replacing the image decoder the key-frame stage attached."""
+
+  def __init__(self, name: str, decode_clip: Callable, *, window: int, halo: int):
+    self.name, self.decode_clip, self.window, self.halo = name, decode_clip, int(window), int(halo)
+
+  def _decoded(self, chunks: Iterable[np.ndarray], total: int) -> Iterator[np.ndarray]:
+    from videoldm_jax.models.vae import decode_windows  # pylint: disable=g-import-not-at-top
+    windows = decode_windows(total, self.window, self.halo)
+    buffered: List[np.ndarray] = []  # latent chunks from frame ``offset`` on (host memory: one window's worth)
+    offset, have = 0, 0
+    source = iter(chunks)
+    for i, (start, stop, keep_start, keep_stop) in enumerate(windows):
+      while have < stop:
+        chunk = np.asarray(next(source))
+        buffered.append(chunk)
+        have += chunk.shape[1]
+      z = np.concatenate(buffered, axis=1)
+      out = np.asarray(self.decode_clip(z[:, start - offset:stop - offset]))
+      yield out[:, keep_start - start:keep_stop - start]
+      next_start = windows[i + 1][0] if i + 1 < len(windows) else have  # frames before it are not read again
+      buffered, offset = [z[:, next_start - offset:]], next_start
+
+  def __call__(self, stream, ctx):
+    if stream is None or stream.decode is None:
+      raise ValueError(f"pipeline step {self.name!r} decodes latents: it needs latent frames from earlier stages")
+    chunks = _counted(self._decoded(stream.chunks, stream.num_frames),
+                      ctx.bar(stream.num_frames, f"{self.name}: video decoder"))
+    return Stream(chunks, stream.num_frames, stream.fps, None)
+
+
 def run(steps: Sequence[Step], ctx: Context, *, seconds: Optional[float] = None,
         decode_chunk: int = 16) -> Stream:
   """Folds ``steps`` (in pipeline order) into a stream of uint8 frame chunks ``[b, k, H, W, 3]``.

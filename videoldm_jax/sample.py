@@ -43,6 +43,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("checkpoint", None, "Output directory of videoldm_jax.convert: text-to-image.", flag_values=fv)
   flags.DEFINE_string("pipeline", None, "Long video: a chain workdir, or a comma list of pipeline stage workdirs "
                       "(key frames -> rollout -> interpolate x4 -> x4 -> decode).", flag_values=fv)
+  flags.DEFINE_string("decoder", None, "Pipeline / chain workdir mode: a decoder-stage workdir whose video decoder "
+                      "decodes the final latents (replacing the chain's own or the image decoder).", flag_values=fv)
   flags.DEFINE_string("stage", None, "Workdir mode: which stage of a chain (default: the last).", flag_values=fv)
   flags.DEFINE_integer("num_samples", 4, "Workdir / pipeline mode: number of videos.", flag_values=fv)
   flags.DEFINE_integer("batch_size", 1, "Workdir mode: videos per sampler call.", flag_values=fv)
@@ -98,7 +100,7 @@ def run(fv: flags.FlagValues) -> int:
           fv.pipeline, num_samples=fv.num_samples, seconds=fv.seconds, num_windows=fv.num_windows,
           interpolations=fv.interpolations, guidance=fv.guidance, context_guidance=fv.context_guidance,
           steps=fv.steps, seed=fv.seed, labels=parse_labels(fv.labels), prompt=prompts[0] if prompts else None,
-          output=fv.output, upscale=fv.upscale)
+          output=fv.output, upscale=fv.upscale, decoder=fv.decoder)
       print(f"{out['videos'].shape[1]} frames at {out['fps']:g} fps from {out['num_key_frames']} key frames")
       _print_paths(out)
       return 0
@@ -108,7 +110,7 @@ def run(fv: flags.FlagValues) -> int:
       out = sampling.sample_workdir(
           fv.workdir, stage=fv.stage, num_samples=fv.num_samples, batch_size=fv.batch_size, guidance=fv.guidance,
           steps=fv.steps, seed=fv.seed, labels=parse_labels(fv.labels), prompt=prompts[0] if prompts else None,
-          num_frames=fv.num_frames, output=fv.output, upscale=fv.upscale)
+          num_frames=fv.num_frames, output=fv.output, upscale=fv.upscale, decoder=fv.decoder)
       _print_paths(out)
       return 0
   except (ValueError, FileNotFoundError) as e:

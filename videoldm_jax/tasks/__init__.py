@@ -110,7 +110,7 @@ def validate(config) -> None:
 
 
 def _validate_chain(config) -> None:
-  config_lib.check_keys(config, config_lib.chain_schema(), free_form=("stages",))
+  config_lib.check_keys(config, config_lib.chain_schema(), free_form=("stages", "init_from"))
   if not config.chain:
     raise ValueError("config.chain is empty: name the stages to train in order")
   for s in config.chain:
@@ -124,6 +124,11 @@ def _validate_chain(config) -> None:
       validate(sub)
     except ValueError as e:
       raise ValueError(f"config.stages.{s}: {e}") from None
+  for i, s in enumerate(config.chain):
+    config_lib.chain_init_stage(config, s, config.chain[i - 1] if i else None)
+  for s in config.init_from:
+    if s not in config.chain:
+      raise ValueError(f"config.init_from.{s}: no stage {s!r} in config.chain {tuple(config.chain)}")
   if int(config.sample_videos) < 0:
     raise ValueError(f"config.sample_videos={config.sample_videos} must be >= 0")
   if int(config.sample_fvd_clips) and int(config.sample_fvd_clips) < 2:

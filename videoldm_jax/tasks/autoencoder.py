@@ -56,8 +56,6 @@ from videoldm_jax.tasks.common import Task, sds
 from videoldm_jax.tasks.latent_diffusion import DTYPES, vae_config
 
 DISC = "discriminator"
-LAST_LAYER = ("vae", "decoder", "conv_out", "kernel")  # the generator's last layer (adaptive GAN weight)
-LAST_NORM = ("decoder", "conv_norm_out")  # in the VAE: its output, after SiLU, is the input of that layer
 
 
 def _get(tree, path):
@@ -162,6 +160,10 @@ class AutoencoderTask(Task):
   """KL-VAE on frames: L1 + LPIPS + KL, optional PatchGAN with adaptive weight (see module docstring)."""
 
   free_form = ("autoencoder.discriminator", "autoencoder.disc_optimizer")
+  # The generator's last layer (adaptive GAN weight), and the module in the VAE whose output, after
+  # ``last_input_fn``, is that layer's input.
+  last_layer = ("vae", "decoder", "conv_out", "kernel")
+  last_input = ("decoder", "conv_norm_out")
 
   @classmethod
   def config_defaults(cls, stage: str):
@@ -230,14 +232,18 @@ class AutoencoderTask(Task):
         raise ValueError(f"config.autoencoder.{key}={ac[key]} must be >= 0")
     if int(ac.disc_start) < 0:
       raise ValueError(f"config.autoencoder.disc_start={ac.disc_start} must be >= 0")
-    if discriminator_config(config).dims != 2:
-      raise ValueError("config.autoencoder.discriminator.dims: the autoencoder stage judges single frames (2)")
+    cls.validate_discriminator(config)
     disc_optimizer_config(config)
     if float(ac.disc_weight) > 0 and not re.fullmatch(config.trainable, f"{DISC}/main_0/kernel"):
       raise ValueError(f"config.trainable={config.trainable!r} must include '{DISC}/.*' when "
                        "config.autoencoder.disc_weight > 0 (the discriminator trains)")
     if re.fullmatch(config.trainable, "lpips/features_0/kernel"):
       raise ValueError(f"config.trainable={config.trainable!r} must not include 'lpips/...' (a fixed loss network)")
+
+  @classmethod
+  def validate_discriminator(cls, config) -> None:
+    if discriminator_config(config).dims != 2:
+      raise ValueError("config.autoencoder.discriminator.dims: the autoencoder stage judges single frames (2)")
 
   # ----- params -------------------------------------------------------------------------------------------------
   def _lpips_params(self, rng):
@@ -292,6 +298,14 @@ class AutoencoderTask(Task):
     """``[b, t, h, w, 3]`` -> ``[(b t), h, w, 3]`` float32."""
     return einops.rearrange(batch["video"], "b t h w c -> (b t) h w c").astype(jnp.float32)
 
+  @property
+  def clip_frames(self) -> Optional[int]:
+    """Frames per clip the decoder sees together (None: every frame on its own)."""
+    return None
+
+  def last_input_fn(self, captured: jax.Array) -> jax.Array:
+    return nn.silu(captured)  # conv_norm_out -> SiLU -> conv_out
+
   def reconstruct(self, vae_params, x, rng=None) -> Tuple[jax.Array, vae_lib.DiagonalGaussian, jax.Array]:
     """Images ``[n, h, w, 3]`` -> (reconstruction fp32, posterior, latents); a posterior sample with ``rng``, else
     the mode."""
@@ -299,21 +313,22 @@ class AutoencoderTask(Task):
     return x_rec, posterior, z
 
   def reconstruct_with_features(self, vae_params, x, rng=None):
-    """:meth:`reconstruct` plus the input of the decoder's last conv, ``silu(conv_norm_out(.))`` ``[n, h, w, c]``
-    (captured from the same forward pass; the adaptive GAN weight differentiates only that conv)."""
+    """:meth:`reconstruct` plus the input of the decoder's last layer (``last_input_fn`` of the output of
+    ``last_input``; captured from the same forward pass; the adaptive GAN weight differentiates only that layer)."""
     moments = self.vae.apply({"params": vae_params}, x.astype(self.dtype), method="encode")
     posterior = vae_lib.DiagonalGaussian(moments)
     z = posterior.sample(rng) if rng is not None else posterior.mode()
-    x_rec, state = self.vae.apply({"params": vae_params}, z.astype(self.dtype), method="decode",
-                                  capture_intermediates=lambda mdl, _: mdl.path == LAST_NORM)
-    features = nn.silu(state["intermediates"][LAST_NORM[0]][LAST_NORM[1]]["__call__"][0])
+    x_rec, state = self.vae.apply({"params": vae_params}, z.astype(self.dtype), self.clip_frames, method="decode",
+                                  capture_intermediates=lambda mdl, _: mdl.path == self.last_input)
+    features = self.last_input_fn(_get(state["intermediates"], self.last_input)["__call__"][0])
     return x_rec.astype(jnp.float32), posterior, z, features
 
   def last_layer_fn(self, vae_params, features):
-    """``kernel -> reconstruction``: the decoder's ``conv_out`` on fixed ``features`` with a substitute kernel."""
-    conv_out = conv(self.vae_config.out_channels, name="conv_out", dtype=self.dtype, param_dtype=jnp.float32)
-    bias = _get(vae_params, LAST_LAYER[1:-1])["bias"]
-    return lambda kernel: conv_out.apply({"params": {"kernel": kernel, "bias": bias}}, features).astype(jnp.float32)
+    """``kernel -> reconstruction``: the decoder's last layer on fixed ``features`` with a substitute kernel."""
+    kernel = _get(vae_params, self.last_layer[1:])
+    layer = conv(kernel.shape[-1], kernel.shape[:-2], name="last", dtype=self.dtype, param_dtype=jnp.float32)
+    bias = _get(vae_params, self.last_layer[1:-1])["bias"]
+    return lambda k: layer.apply({"params": {"kernel": k, "bias": bias}}, features).astype(jnp.float32)
 
   def nll(self, frozen, x, x_rec) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """LDM's reconstruction term: ``mean_n(sum_pixels |x - x_rec| + w_p * LPIPS_n * pixels)``."""
@@ -394,7 +409,7 @@ class AutoencoderTask(Task):
         rec = last(kernel)
         return self.nll(frozen, x, rec)[0], disc_lib.generator_loss(self.logits(disc_params, rec))
 
-      d_weight, _ = disc_lib.adaptive_weight(losses, sg(_get(vae_params, LAST_LAYER[1:])),
+      d_weight, _ = disc_lib.adaptive_weight(losses, sg(_get(vae_params, self.last_layer[1:])),
                                              disc_weight=float(ac.disc_weight))
       return g, d_weight
 

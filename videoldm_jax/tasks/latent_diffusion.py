@@ -86,6 +86,23 @@ def text_config(config) -> Optional[clip_lib.CLIPTextConfig]:
   return _replace(preset(), config.model.text_overrides, "text_overrides")
 
 
+def with_source_vae_scale(config):
+  """``config`` with the VAE latent scale of its ``model_init`` source (``source_vae_scale``) when that provides
+  one; an explicit ``config.model.vae_overrides.scaling_factor`` that disagrees with it is refused, naming both."""
+  scale = source_vae_scale(config.model_init) if config.model_init else None
+  if scale is None:
+    return config
+  explicit = dict(config.model.vae_overrides).get("scaling_factor")
+  if explicit is not None:
+    if abs(float(explicit) - scale) > 1e-6 * scale:
+      raise ValueError(f"config.model.vae_overrides.scaling_factor={explicit} but the VAE of config.model_init "
+                       f"{config.model_init!r} has latent scale {scale}")
+    return config
+  config = copy.deepcopy(config)
+  config.model.vae_overrides = dict(config.model.vae_overrides, scaling_factor=scale)
+  return config
+
+
 def source_vae_scale(path: str) -> Optional[float]:
   """The latent scale of the VAE a ``model_init`` training workdir provides: what an ``autoencoder`` run measured
   (its ``info.json``), or the scale another stage trained with (its ``config.json``). None for converted
@@ -238,20 +255,7 @@ class LatentDiffusionTask(Task):
 
   @classmethod
   def resolve_config(cls, config):
-    """The VAE latent scale of the ``model_init`` source (``source_vae_scale``) when it provides one; an explicit
-    ``config.model.vae_overrides.scaling_factor`` that disagrees with it is refused, naming both."""
-    scale = source_vae_scale(config.model_init) if config.model_init else None
-    if scale is None:
-      return config
-    explicit = dict(config.model.vae_overrides).get("scaling_factor")
-    if explicit is not None:
-      if abs(float(explicit) - scale) > 1e-6 * scale:
-        raise ValueError(f"config.model.vae_overrides.scaling_factor={explicit} but the VAE of config.model_init "
-                         f"{config.model_init!r} has latent scale {scale}")
-      return config
-    config = copy.deepcopy(config)
-    config.model.vae_overrides = dict(config.model.vae_overrides, scaling_factor=scale)
-    return config
+    return with_source_vae_scale(config)
 
   @staticmethod
   def _check_prediction_type(config) -> None:

@@ -171,7 +171,9 @@ def get_config(arg=None):
       c.autoencoder.disc_weight = 0.05
       c.autoencoder.discriminator = dict(ndf=8, n_layers=2)
     elif a.stage == "decoder":
-      c.optimizer.lr = 5e-4
+      # Fine-tuning a trained decoder: at 5e-4 (the other stages' runlocal rate) the held-out L1 rose over 40 steps
+      # (0.047 -> 0.053); at 1e-4 it falls (0.0438 -> 0.0411).
+      c.optimizer.lr = 1e-4
       c.batch_size = 4
       c.total_steps = 40
       c.autoencoder.disc_weight = 0.05  # as the runlocal autoencoder

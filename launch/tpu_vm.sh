@@ -12,9 +12,15 @@
 # `install` copies this checkout to every worker (or clones --repo at --ref there) and pip-installs it with the
 # TPU extra. Every command accepts --dry-run, which prints the gcloud commands instead of running them.
 # Workdirs and data may be gs:// paths (orbax and tfds read and write GCS directly).
+#
+# Preemption: on SIGTERM (also during start-up) training saves a checkpoint at the next step, or has nothing new
+# to save before its first one, and exits with status 42 (`run` passes --preemption_exit_code=42); `run` reruns it
+# on every worker while the VMs last, resuming from the newest checkpoint in --workdir that restores. A preempted
+# spot / queued resource loses its VMs: `delete`, then `create`, `install` and the same `run` again continue the
+# run from --workdir (keep the workdir on gs://).
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0"; exit "${1:-2}"; }
+usage() { sed -n '2,20p' "$0"; exit "${1:-2}"; }
 
 ACTION="${1:-}"; [ -n "$ACTION" ] || usage; shift
 NAME=""; ZONE=""; TYPE=""; VERSION=""; NUM_SLICES=1; SPOT=""; DRY_RUN=0
@@ -109,10 +115,13 @@ case "$ACTION" in
   run)
     need NAME ZONE CONFIG WORKDIR
     # Every worker runs the same command; jax.distributed.initialize() finds its peers on a TPU VM.
-    # Output goes to a log file per worker so a dropped ssh session does not kill the run.
-    extra="$(printf '%q ' "${EXTRA[@]+"${EXTRA[@]}"}")"
-    ssh_all "cd ~/videoldm_jax && nohup ~/venv/bin/python -m videoldm_jax.train --config=$CONFIG \
---workdir=$WORKDIR $extra > ~/videoldm_train.log 2>&1 &"
+    # Output goes to a log file per worker so a dropped ssh session does not kill the run. A preemption stop
+    # (status 42) is rerun at once; any other exit status ends the loop.
+    extra=""; [ "${#EXTRA[@]}" -gt 0 ] && extra="$(printf '%q ' "${EXTRA[@]}")"
+    train="\$HOME/venv/bin/python -m videoldm_jax.train --config=$CONFIG --workdir=$WORKDIR \
+--preemption_exit_code=42 $extra"
+    ssh_all "cd ~/videoldm_jax && nohup bash -c 'until $train; [ \$? -ne 42 ]; do echo restarting after a preemption \
+stop; done' > ~/videoldm_train.log 2>&1 &"
     ;;
   logs)
     need NAME ZONE

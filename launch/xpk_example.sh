@@ -4,7 +4,8 @@
 #   launch/xpk_example.sh cluster  --cluster=vldm --project=P --zone=us-east5-a --type=v5p-128 [--num_slices=2]
 #   launch/xpk_example.sh plan     --type=v5p-128 [--num_slices=2] --config=configs/webvid.py:stage=base,variant=sd15
 #   launch/xpk_example.sh train    --cluster=vldm --project=P --zone=us-east5-a --type=v5p-128 [--num_slices=2] \
-#       --config=configs/webvid.py:stage=base,variant=sd15 --workdir=gs://bucket/runs/t2v_base [-- --config.x=y ...]
+#       [--max_restarts=20] --config=configs/webvid.py:stage=base,variant=sd15 --workdir=gs://bucket/runs/t2v_base \
+#       [-- --config.x=y ...]
 #   launch/xpk_example.sh list     --cluster=vldm --project=P --zone=us-east5-a
 #   launch/xpk_example.sh delete   --cluster=vldm --project=P --zone=us-east5-a --workload=NAME
 #
@@ -12,14 +13,19 @@
 # so a run that would not fit is caught before the workload is queued. `train` builds an image from this checkout
 # (xpk copies --script-dir onto --base-docker-image) and runs the same command on every host of every slice;
 # jax.distributed.initialize() finds the peers (and the other slices over DCN) by itself.
+# Preemption: on SIGTERM (node preemption or maintenance, also during start-up) training saves a checkpoint at the
+# next step, or has nothing new to save before its first one, and exits with --preemption_exit_code, which `train`
+# sets to 42: one of the codes xpk restarts a workload on (42 and 127-255) while --max_restarts allows (default
+# 20). The restarted job reruns the same command, which resumes from the newest checkpoint in --workdir that
+# restores. A run stopped for good is deleted (`delete`).
 # Every command accepts --dry-run, which prints the commands instead of running them.
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0"; exit "${1:-2}"; }
+usage() { sed -n '2,21p' "$0"; exit "${1:-2}"; }
 
 ACTION="${1:-}"; [ -n "$ACTION" ] || usage; shift
 CLUSTER=""; PROJECT=""; ZONE=""; TYPE=""; NUM_SLICES=1; CONFIG=""; WORKDIR=""; WORKLOAD=""; DRY_RUN=0
-BASE_IMAGE="python:3.11"; EXTRA=()
+BASE_IMAGE="python:3.11"; MAX_RESTARTS=20; EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --cluster=*) CLUSTER="${1#*=}" ;;
@@ -31,6 +37,7 @@ while [ $# -gt 0 ]; do
     --workdir=*) WORKDIR="${1#*=}" ;;
     --workload=*) WORKLOAD="${1#*=}" ;;
     --base_image=*) BASE_IMAGE="${1#*=}" ;;
+    --max_restarts=*) MAX_RESTARTS="${1#*=}" ;;
     --dry-run) DRY_RUN=1 ;;
     --) shift; EXTRA=("$@"); break ;;
     -h|--help) usage 0 ;;
@@ -61,10 +68,12 @@ case "$ACTION" in
     name="${WORKLOAD:-vldm-$(date +%m%d-%H%M%S)}"
     extra="$(printf '%q ' "${EXTRA[@]+"${EXTRA[@]}"}")"
     # Installed at container start so the image is just the base image plus this checkout.
-    command="pip install -q -e '.[tpu]' && python -m videoldm_jax.train --config=$CONFIG --workdir=$WORKDIR $extra"
+    # Exit status 42 after a preemption stop: xpk restarts the workload on it (up to --max-restarts times).
+    command="pip install -q -e '.[tpu]' && python -m videoldm_jax.train --config=$CONFIG --workdir=$WORKDIR \
+--preemption_exit_code=42 $extra"
     run xpk workload create --cluster="$CLUSTER" --project="$PROJECT" --zone="$ZONE" --workload="$name" \
-        --tpu-type="$TYPE" --num-slices="$NUM_SLICES" --base-docker-image="$BASE_IMAGE" --script-dir=. \
-        --command="$command"
+        --tpu-type="$TYPE" --num-slices="$NUM_SLICES" --max-restarts="$MAX_RESTARTS" \
+        --base-docker-image="$BASE_IMAGE" --script-dir=. --command="$command"
     ;;
   list)
     need CLUSTER PROJECT ZONE

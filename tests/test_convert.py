@@ -313,3 +313,48 @@ def test_single_file_with_ema_or_stray_keys_is_refused(compvis_case, tmp_path):
   res = _run_cli("--source", str(tmp_path / "stray.safetensors"), "--output", str(tmp_path / "out2"))
   assert res.returncode != 0 and "cond_stage_model.extra.weight" in res.stderr
   _assert_no_output(tmp_path / "out2")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Completeness: a source lacking a component or blocks is refused in one line naming what is missing.
+
+def test_pipeline_lacking_listed_components_is_refused_unless_named(pipeline_dir, tmp_path, capsys):
+  import shutil
+  src = tmp_path / "unet_only"
+  shutil.copytree(pipeline_dir / "unet", src / "unet")
+  (src / "model_index.json").write_text(json.dumps({
+      "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+      "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+      "safety_checker": [None, None]}))
+  out = tmp_path / "out"
+  assert convert.main(["--source", str(src), "--output", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert "lacks vae, text_encoder, which its model_index.json lists" in err and "--components=unet " in err, err
+  _assert_no_output(out)
+  assert convert.main(["--source", str(src), "--output", str(out), "--components=unet"]) == 0
+  assert set(convert.load_converted_configs(str(out))[0]) == {"unet"}
+
+
+def test_single_file_with_missing_blocks_names_them(compvis_case, tmp_path, capsys):
+  from safetensors.numpy import save_file
+  _, state = compvis_case
+  gap = "model.diffusion_model.output_blocks.1."
+  save_file({k: v for k, v in state.items() if not k.startswith(gap)}, str(tmp_path / "gap.safetensors"))
+  assert convert.main(["--source", str(tmp_path / "gap.safetensors"), "--output", str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert "incomplete checkpoint, missing keys model.diffusion_model.output_blocks.1.*" in err, err
+  assert "Traceback" not in err
+  _assert_no_output(tmp_path / "out")
+  save_file({k: v for k, v in state.items() if not k.startswith("first_stage_model.")},
+            str(tmp_path / "no_vae.safetensors"))
+  assert convert.main(["--source", str(tmp_path / "no_vae.safetensors"), "--output", str(tmp_path / "out")]) == 2
+  assert "lacks vae, which a Stable Diffusion single file holds" in capsys.readouterr().err
+  _assert_no_output(tmp_path / "out")
+
+
+def test_random_bytes_named_ckpt_are_not_a_readable_checkpoint(tmp_path, capsys):
+  path = tmp_path / "random.ckpt"
+  path.write_bytes(np.random.default_rng(0).bytes(4096))  # starts with a byte the unpickler takes as an opcode
+  assert convert.main(["--source", str(path), "--output", str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert "random.ckpt: not a readable checkpoint" in err and "execute code" not in err, err

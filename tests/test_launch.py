@@ -24,6 +24,8 @@ def test_tpu_vm_dry_run():
   out = _run("tpu_vm.sh", "run", "--name=vldm", "--zone=z", "--config=configs/rds.py:stage=base",
              "--workdir=gs://b/r", "--dry-run", "--", "--config.dtype=bfloat16")
   assert "--worker=all" in out.stdout and "videoldm_jax.train" in out.stdout and "bfloat16" in out.stdout
+  # A preemption stop exits 42 and the worker's loop reruns it (resuming from the workdir).
+  assert "--preemption_exit_code=42" in out.stdout and "\\[\\ \\$\\?\\ -ne\\ 42\\ \\]" in out.stdout
 
 
 def test_tpu_vm_install_logs_delete_dry_run():
@@ -54,6 +56,8 @@ def test_xpk_dry_run():
   assert line.startswith("xpk workload create --cluster=c --project=p --zone=z --workload=t2v --tpu-type=v5p-128 "
                          "--num-slices=2")
   assert "videoldm_jax.train" in line and "gs://b/r" in line
+  # A preemption stop exits 42, one of the codes xpk restarts a workload on (while --max-restarts allows).
+  assert "--max-restarts=20" in line and "--preemption_exit_code=42" in line
   out = _run("xpk_example.sh", "plan", "--type=v5p-8", "--config=configs/rds.py:stage=base", "--dry-run")
   assert out.stdout.strip() == ("python -m videoldm_jax.plan --config=configs/rds.py:stage=base --topology=v5p-8 "
                                 "--num_slices=1")

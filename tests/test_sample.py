@@ -41,3 +41,17 @@ def test_ddim_cfg_matches_stable_diffusion_pipeline(tmp_path, prediction_type):
   # The decoded images exist and are valid uint8 pictures.
   images = text_to_image.decode_latents(converted, ours)
   assert images.shape == (len(prompts), size, size, 3) and images.dtype == np.uint8
+
+
+def test_workdir_without_checkpoints_is_named_as_a_training_workdir(tmp_path, capsys):
+  """A training workdir that has only its config.json (the run never saved) is not taken for a converted
+  checkpoint; the message says what it lacks."""
+  from configs import rds
+  from videoldm_jax import sample
+  (tmp_path / "config.json").write_text(rds.get_config("stage=image,runlocal").to_json_best_effort())
+  with pytest.raises(SystemExit) as e:
+    sample.main([f"--workdir={tmp_path}"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert f"{tmp_path}: a training workdir (config.json) with no checkpoints/ yet" in err, err
+  assert "component checkpoints" not in err

@@ -40,14 +40,17 @@ def _example(i):
 
 
 class _HookedIterator:
-  """Local iterator with two test hooks: a SIGTERM to this process, or NaN inputs, at the k-th ``next``."""
+  """Local iterator with test hooks: a SIGTERM to this process or NaN inputs at the k-th ``next``, inputs scaled
+  up 1000x from the k-th ``next`` on (a loss that blows up)."""
 
-  def __init__(self, it, sigterm_at=None, nan_at=None):
-    self.it, self.count, self.sigterm_at, self.nan_at = it, 0, sigterm_at, nan_at
+  def __init__(self, it, sigterm_at=None, nan_at=None, blow_up_from=None):
+    self.it, self.count, self.sigterm_at, self.nan_at, self.blow_up_from = it, 0, sigterm_at, nan_at, blow_up_from
 
   def __next__(self):
     b = dict(next(self.it))
     self.count += 1
+    if self.blow_up_from is not None and self.count >= self.blow_up_from:
+      b["x"] = b["x"] * 1000.0
     if self.count == self.nan_at:
       b["x"] = np.full_like(b["x"], np.nan)
     if self.count == self.sigterm_at:
@@ -66,6 +69,7 @@ class _HookedIterator:
 class ToyTask(task_common.Task):
   sigterm_at = None
   nan_at = None
+  blow_up_from = None
 
   def __init__(self, config):
     self.model = ToyNet()
@@ -85,7 +89,7 @@ class ToyTask(task_common.Task):
 
   def input_pipeline(self, mesh):
     it = iter(self._dataset(self.config.seed).to_iter_dataset())
-    return parallel.GlobalBatchIterator(_HookedIterator(it, self.sigterm_at, self.nan_at), mesh)
+    return parallel.GlobalBatchIterator(_HookedIterator(it, self.sigterm_at, self.nan_at, self.blow_up_from), mesh)
 
   def fixed_batch(self, mesh):
     return parallel.global_batch(self._dataset(12345)[0], mesh)
@@ -113,6 +117,26 @@ class _ToySigterm(ToyTask):
 @tasks.register("toy_nan")
 class _ToyNan(ToyTask):
   nan_at = 7
+
+
+@tasks.register("toy_diverge")
+class _ToyDiverge(ToyTask):
+  blow_up_from = 5
+  nan_at = 10
+
+
+@tasks.register("toy_sigterm_init")
+class _ToySigtermInit(ToyTask):
+  """SIGTERM to this process while the params are initialised (start-up, before any step)."""
+  sent = False
+
+  def init(self, rng):
+    if not type(self).sent:
+      type(self).sent = True
+      # Only with the train loop's handler installed (else SIGTERM would end the test process).
+      assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return super().init(rng)
 
 
 def toy_config(**kw):
@@ -361,3 +385,127 @@ def test_restore_initialises_only_what_no_source_provides(tmp_path):
   child.model_init_missing_ok = "spatial_.*"     # ... which the source may lack
   assert set(restore(child, tmp_path / "child2").initialised) == {
       "spatial_in/kernel", "spatial_in/bias", "spatial_out/kernel", "spatial_out/bias"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Restarts: damaged checkpoints, bad configs, SIGTERM during start-up, divergence.
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy_workdir(tmp_path_factory):
+  """A toy run of 8 steps with checkpoints at steps 4 and 8 (each damage case below works on a copy)."""
+  wd = tmp_path_factory.mktemp("toy") / "run"
+  train.train_and_evaluate(toy_config(eval_every_steps=0), str(wd))
+  return wd
+
+
+def _damage(step_dir, kind):
+  if kind == "truncated_data":
+    for f in step_dir.glob("state/**/d/*"):
+      f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+  elif kind == "empty_metadata":
+    (step_dir / "state" / "_METADATA").write_text("")
+  elif kind == "empty_iterator_json":
+    for f in (step_dir / "data").glob("*.json"):
+      f.write_text("")
+  elif kind == "no_state":
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(step_dir / "state")
+  elif kind == "empty_folder":
+    step_dir.mkdir()
+
+
+@pytest.mark.parametrize("kind", ["truncated_data", "empty_metadata", "empty_iterator_json", "no_state",
+                                  "empty_folder"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(toy_workdir, tmp_path, kind, caplog):
+  """A damaged newest step (or an empty step folder past it) is moved aside, never deleted, with one warning
+  naming it and why; the run resumes from the newest step that restores."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  wd = tmp_path / "run"
+  shutil.copytree(toy_workdir, wd)
+  bad, resumed_from = (9, 8) if kind == "empty_folder" else (8, 4)
+  _damage(wd / "checkpoints" / str(bad), kind)
+  with caplog.at_level("WARNING"):
+    res = train.train_and_evaluate(toy_config(total_steps=10, eval_every_steps=0), str(wd))
+  assert res.history[0]["step"] == resumed_from + 1 and int(res.state.step) == 10
+  assert (wd / "checkpoints" / f"corrupt-{bad}").is_dir()
+  warnings = [r.getMessage() for r in caplog.records if f"Checkpoint step {bad} " in r.getMessage()]
+  assert len(warnings) == 1 and f"corrupt-{bad}" in warnings[0] and f"resuming from step {resumed_from}" in \
+      warnings[0], warnings
+  ck = checkpoint.Checkpointer(str(wd / "checkpoints"), async_save=False)
+  assert ck.latest_step() == 10
+  ck.close()
+
+
+def test_no_restorable_checkpoint_is_an_error_naming_the_directory(toy_workdir, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  wd = tmp_path / "run"
+  shutil.copytree(toy_workdir, wd)
+  for step in (4, 8):
+    _damage(wd / "checkpoints" / str(step), "no_state")
+  with pytest.raises(checkpoint.CheckpointError, match=f"{wd / 'checkpoints'}: no checkpoint restores"):
+    train.train_and_evaluate(toy_config(total_steps=10, eval_every_steps=0), str(wd))
+  # Nothing was moved (the cause might be the config) and nothing trained from scratch.
+  assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["4", "8"]
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model_init", "missing", r"config\.model_init='.*missing': no such file or directory"),
+    ("resume", ".", r"config\.resume='.*': not a training workdir \(no checkpoints/\)"),
+])
+def test_bad_paths_fail_before_any_device_work_and_write_nothing(tmp_path, monkeypatch, key, value, message):
+  def no_device_work(*args, **kwargs):
+    raise AssertionError("device work before the config was checked")
+
+  monkeypatch.setattr(checkpoint, "restore_or_init", no_device_work)
+  monkeypatch.setattr(parallel, "make_mesh", no_device_work)
+  config = toy_config(**{key: str(tmp_path / value)})
+  with pytest.raises(train.ConfigError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
+def test_unknown_config_override_is_one_line_naming_the_closest_key(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from videoldm_jax import cli  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  argv = ["train", "--config=configs/rds.py:stage=image,runlocal", f"--workdir={tmp_path / 'wd'}"]
+  proc = subprocess.run([sys.executable, "-m", "videoldm_jax.train", *argv[1:], "--config.optimizer.lrr=1"],
+                        cwd=root, capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  lines = [ln for ln in proc.stderr.splitlines() if "lrr" in ln]
+  assert lines == ["videoldm_jax.train: --config.optimizer.lrr: unknown config key 'lrr' in config.optimizer "
+                   "(closest: config.optimizer.lr)"], proc.stderr
+  assert not (tmp_path / "wd").exists()
+  assert "config.stages.base" in cli.unknown_override(["x", "--config=configs/rds.py:runlocal",
+                                                        "--config.stages.bsae.total_steps=3"])
+  assert cli.unknown_override(argv + ["--config.optimizer.lr=1"]) is None
+
+
+def test_sigterm_during_start_up_stops_cleanly_before_step_one(tmp_path, caplog):
+  _ToySigtermInit.sent = False
+  before = signal.getsignal(signal.SIGTERM)
+  with caplog.at_level("WARNING"):
+    res = train.train_and_evaluate(toy_config(stage="toy_sigterm_init", eval_every_steps=0), str(tmp_path))
+  assert _ToySigtermInit.sent and res.preempted and res.step == 0 and res.history == []
+  assert any("by SIGTERM during start-up (after the restore), before step 1" in r.getMessage()
+             for r in caplog.records)
+  assert signal.getsignal(signal.SIGTERM) == before  # the handler is the caller's again
+  ck = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  assert ck.latest_step() is None
+  ck.close()
+
+
+def test_non_finite_stop_names_the_checkpoint_saved_before_the_loss_diverged(tmp_path):
+  """Inputs scaled up 1000x from step 5 (the loss jumps far above its running median), NaN at step 10: step 8 is
+  finite but diverged; the message names step 4."""
+  config = toy_config(stage="toy_diverge", total_steps=12, eval_every_steps=0)
+  with pytest.raises(train.NonFiniteError) as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  msg = str(e.value)
+  assert "at step 10" in msg and "from step 5 on" in msg, msg
+  assert "Last good checkpoint: step 4 " in msg and "step 8 is finite but was saved after the divergence" in msg, msg
+

@@ -10,10 +10,12 @@ Workdir layout::
                                            exactly the same backbone
   WORKDIR/model_init.json                  ``{"model_init": PATH}`` when the frozen params came from PATH
 
-Restore order (``restore_or_init``): latest checkpoint in WORKDIR -> ``config.resume`` (another workdir's
-checkpoint) -> ``config.model_init`` (``videoldm_jax.convert`` output or a trained workdir, loaded leaf by leaf into
-the fresh tree; only leaves matching ``config.model_init_missing_ok`` may be absent, e.g. new temporal layers) ->
-scratch. Frozen params are re-loaded from ``WORKDIR/frozen`` or ``model_init`` on every start, never re-saved.
+Restore order (``restore_or_init``): the newest checkpoint in WORKDIR that restores (a damaged newer step is moved
+to ``checkpoints/corrupt-<step>``; none restoring is an error, never a fresh start) -> ``config.resume`` (another
+workdir's checkpoint) -> ``config.model_init`` (``videoldm_jax.convert`` output or a trained workdir, loaded leaf by
+leaf into the fresh tree; only leaves matching ``config.model_init_missing_ok`` may be absent, e.g. new temporal
+layers) -> scratch. Frozen params are re-loaded from ``WORKDIR/frozen`` or ``model_init`` on every start, never
+re-saved.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import logging
 import os
 import re
 import signal
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import flax
 import flax.linen as nn
 import jax
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -50,6 +53,25 @@ except ImportError:  # pragma: no cover
 SEP = optim.SEP
 
 
+class CheckpointError(RuntimeError):
+  """A workdir's checkpoints cannot be used (none restores); the message names the directory."""
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+  """``Type: first line of the message`` of an exception, shortened (orbax / tensorstore errors run long)."""
+  text = (str(e).strip().splitlines() or [""])[0]
+  text = text if len(text) <= limit else text[:limit] + " ..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _on_every_process(ok: bool) -> bool:
+  """True when ``ok`` holds on every process (all processes must restore the same step)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Train-state checkpoints.
 # ---------------------------------------------------------------------------------------------------------------
@@ -65,6 +87,10 @@ class Checkpointer:
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
+
+  def all_steps(self) -> List[int]:
+    """The steps held (``keep`` removes the oldest), ascending."""
+    return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: optim.TrainState, data_iter=None) -> None:
     items = {"state": ocp.args.StandardSave(flax.serialization.to_state_dict(state))}
@@ -86,6 +112,49 @@ class Checkpointer:
     logging.info("Restored step %d from %s%s", step, self.directory, " (with data iterator)" if "data" in items
                  else "")
     return flax.serialization.from_state_dict(abstract_state, restored["state"])
+
+  def restore_intact(self, abstract_state: optim.TrainState, data_iter=None) -> Tuple[optim.TrainState, int]:
+    """``(state, step)`` of the newest step that restores, trying the steps newest first.
+
+    A newer step that does not restore (a truncated or emptied file, no ``state/``, an empty step folder left by a
+    crash) is moved aside to ``corrupt-<step>`` in the same directory, outside orbax's step naming and never
+    deleted, with one warning naming it and why. When no step restores nothing is moved (the cause may be the
+    config rather than the files, e.g. other param shapes) and ``CheckpointError`` names the directory.
+    """
+    failed = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      state, why = None, None
+      try:
+        state = self.restore(abstract_state, data_iter, step)
+      except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore and JSON errors of a damaged step)
+        why = _one_line(e)
+      if not _on_every_process(why is None):
+        failed.append((step, why or "failed on another process"))
+        continue
+      for bad, reason in failed:
+        moved = self._move_aside(bad)
+        logging.warning("Checkpoint step %d in %s does not restore (%s): moved to %s; resuming from step %d",
+                        bad, self.directory, reason, moved, step)
+      if failed:
+        self.manager.reload()
+      return state, step
+    steps = ", ".join(str(s) for s, _ in failed)
+    raise CheckpointError(f"{self.directory}: no checkpoint restores (steps {steps}; step {failed[0][0]}: "
+                          f"{failed[0][1]}); nothing was moved: check that the config is the run's, or move the "
+                          "damaged step folders away to resume from an earlier one")
+
+  def _move_aside(self, step: int) -> epath.Path:
+    """Renames the folder of ``step`` to ``corrupt-<step>`` (``corrupt-<step>.<n>`` if taken); returns it."""
+    target, n = self.directory / f"corrupt-{step}", 0
+    while target.exists():
+      n += 1
+      target = self.directory / f"corrupt-{step}.{n}"
+    if jax.process_index() == 0:
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
+    return target
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -143,6 +212,16 @@ def restore_subset(path: str, target_flat: Dict[str, jax.ShapeDtypeStruct]) -> D
   return traverse_util.flatten_dict(restored, sep=SEP)
 
 
+def is_training_config(path) -> bool:
+  """Whether the ``config.json`` at ``path`` is a training run's (it names a stage) rather than the one
+  ``videoldm_jax.convert`` writes next to its component checkpoints."""
+  try:
+    data = json.loads(epath.Path(path).read_text())
+  except (OSError, ValueError):
+    return False
+  return isinstance(data, dict) and "stage" in data and "format" not in data
+
+
 def _latest_state_dir(workdir: epath.Path) -> Optional[epath.Path]:
   ckdir = workdir / "checkpoints"
   if not ckdir.exists():
@@ -161,6 +240,9 @@ def source_metadata(path: str, use_ema: bool = True) -> Dict[str, Tuple[str, str
   root = epath.Path(path)
   out: Dict[str, Tuple[str, str]] = {}
   if (root / "config.json").exists() and not (root / "checkpoints").exists():
+    if is_training_config(root / "config.json"):
+      raise FileNotFoundError(f"config.model_init={path!r}: a training workdir (config.json) with no checkpoints/ "
+                              "yet")
     # videoldm_jax.convert output: config.json + one orbax tree per component (unet/, vae/, text_encoder/).
     components = [p for p in root.iterdir() if p.is_dir() and (p / "_CHECKPOINT_METADATA").exists()]
     if not components:
@@ -316,7 +398,9 @@ def restore_or_init(config, workdir: str, init_fn: Callable, rng: jax.Array, mes
     values.update(restore_subset(str(frozen_dir), frozen_needed))
     logging.info("Frozen params from %s", frozen_dir)
   if model_init:
-    values.update(load_model_init(model_init, {k: v for k, v in needed.items() if k not in values},
+    skip = re.compile(config.get("model_init_skip", "") or "(?!)")  # fresh even where the source has them
+    values.update(load_model_init(model_init, {k: v for k, v in needed.items()
+                                               if k not in values and not skip.fullmatch(k)},
                                   missing_ok=config.get("model_init_missing_ok", ""),
                                   use_ema=config.get("model_init_use_ema", True)))
   missing = sorted(k for k in needed if k not in values)
@@ -343,7 +427,7 @@ def restore_or_init(config, workdir: str, init_fn: Callable, rng: jax.Array, mes
 
   abstract_sharded = _with_sharding(abstract_state, st_sh)
   if source == "checkpoint":
-    state = ckpt.restore(abstract_sharded, data_iter)
+    state, _ = ckpt.restore_intact(abstract_sharded, data_iter)
   elif source == "resume":
     state = other.restore(abstract_sharded, data_iter)
     other.close()
@@ -375,7 +459,8 @@ class PreemptionWatcher:
 
   def _handle(self, signum, frame):
     del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    logging.warning("SIGTERM received: stopping at the next step boundary (a checkpoint is saved once training "
+                    "has started)")
     self.received = True
 
   def should_stop(self, step: int) -> bool:

@@ -13,6 +13,8 @@ component (``unet/``, ``vae/``, ``text_encoder/``). :func:`load_converted` reads
 
 Every source tensor must be consumed and every Flax param filled with the right shape; otherwise the command
 exits non-zero naming the keys, and nothing is left at OUT (it is written to a temporary sibling, then renamed).
+A source lacking a component it should hold (one its ``model_index.json`` lists; a single file: any of the three)
+is refused, naming it, unless ``--components=unet[,vae,...]`` says which to convert.
 PyTorch pickles are only read with ``torch.load(weights_only=True)``; nothing in a checkpoint is executed.
 """
 
@@ -26,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import typing
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from absl import flags
@@ -266,10 +268,95 @@ def convert_single_file(path: str, dtype, prediction_type: str = "epsilon", drop
   return configs, params, _schedule_from_compvis(source, prediction_type)
 
 
-def convert_source(src: str, dtype=np.float32, prediction_type: Optional[str] = None, drop_ema: bool = False):
-  """Any supported source -> ({component: config}, {component: params}, schedule dict)."""
+# Lists of numbered blocks in CompVis single files: a gap in their numbering is a missing block. And the groups
+# every UNet / VAE of such a file has.
+_COMPVIS_BLOCK_LISTS = ("input_blocks", "output_blocks", "middle_block", "down", "up", "block", "attn", "layers",
+                        "resblocks", "transformer_blocks")
+_COMPVIS_GROUPS = {
+    "model.diffusion_model.": ("time_embed", "input_blocks", "middle_block", "output_blocks", "out"),
+    "first_stage_model.": ("encoder", "decoder", "quant_conv", "post_quant_conv"),
+}
+
+
+def _missing_compvis_blocks(keys) -> List[str]:
+  """``prefix.*`` patterns of the blocks a CompVis file lacks: absent groups and gaps in numbered block lists
+  (a missing last block shows only in the error of the layout it leaves)."""
+  missing = []
+  for prefix, groups in _COMPVIS_GROUPS.items():
+    inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+    if inner:
+      missing += [f"{prefix}{g}.*" for g in groups if not any(k.startswith(g + ".") for k in inner)]
+  numbered: Dict[str, set] = {}
+  for key in keys:
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+      if parts[i].isdigit() and parts[i - 1] in _COMPVIS_BLOCK_LISTS:
+        numbered.setdefault(".".join(parts[:i]), set()).add(int(parts[i]))
+  for parent, seen in sorted(numbered.items()):
+    missing += [f"{parent}.{i}.*" for i in range(max(seen)) if i not in seen]
+  return missing
+
+
+def _incomplete_single_file(path: str, error: Exception) -> str:
+  """One line for a single file whose layout could not be read: the blocks it lacks, and the layout error."""
+  why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  try:
+    missing = _missing_compvis_blocks(ckpt_io.open_checkpoint(path).keys())
+  except ConversionError:
+    missing = []
+  if not missing:
+    return f"{path}: unsupported or incomplete checkpoint layout ({why})"
+  shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+  return f"{path}: incomplete checkpoint, missing keys {shown} ({why})"
+
+
+def _listed_components(src: str) -> Tuple[str, ...]:
+  """The components a pipeline folder should hold: those its ``model_index.json`` lists (all when it has none)."""
+  path = os.path.join(src, "model_index.json")
+  if not os.path.isfile(path):
+    return COMPONENTS
+  index = _read_json(path)
+  return tuple(c for c in COMPONENTS if isinstance(index.get(c), list) and index[c] and index[c][0] is not None)
+
+
+def _refuse_partial(src: str, have, expected, wanted, what: str) -> None:
+  """``ConversionError`` when ``src`` lacks a component: one of ``wanted`` (``--components``) or, without it, one
+  of ``expected``; ``what`` says where the expectation comes from."""
+  if wanted:
+    missing = [c for c in wanted if c not in have]
+    if missing:
+      raise ConversionError(f"{src}: --components={','.join(wanted)} but it holds no {', '.join(missing)} "
+                            f"(it holds {', '.join(sorted(have)) or 'nothing'})")
+    return
+  missing = [c for c in expected if c not in have]
+  if missing:
+    holds = [c for c in COMPONENTS if c in have]
+    raise ConversionError(f"{src}: lacks {', '.join(missing)}, which {what} (it holds only {', '.join(holds)}); "
+                          f"pass --components={','.join(holds)} to convert just those")
+
+
+def convert_source(src: str, dtype=np.float32, prediction_type: Optional[str] = None, drop_ema: bool = False,
+                   components: Optional[Sequence[str]] = None):
+  """Any supported source -> ({component: config}, {component: params}, schedule dict).
+
+  A pipeline folder must hold every component its ``model_index.json`` lists (all of unet, vae, text_encoder
+  without one) and a single file all three; ``components`` converts just those (which must be there), the only
+  way to convert a partial source.
+  """
+  wanted = tuple(components or ())
+  unknown = [c for c in wanted if c not in COMPONENTS]
+  if unknown:
+    raise ConversionError(f"--components: {', '.join(unknown)} is not one of {', '.join(COMPONENTS)}")
   if os.path.isfile(src):
-    return convert_single_file(src, dtype, prediction_type or "epsilon", drop_ema)
+    try:
+      configs, params, schedule = convert_single_file(src, dtype, prediction_type or "epsilon", drop_ema)
+    except ConversionError:
+      raise
+    except (ValueError, KeyError, IndexError) as e:  # the layout inference of a file with blocks missing
+      raise ConversionError(_incomplete_single_file(src, e)) from e
+    _refuse_partial(src, set(configs), COMPONENTS, wanted, "a Stable Diffusion single file holds")
+    keep = wanted or tuple(configs)
+    return {c: configs[c] for c in keep}, {c: params[c] for c in keep}, schedule
   if not os.path.isdir(src):
     raise ConversionError(f"{src}: no such file or directory")
   configs, params, schedule = {}, {}, {}
@@ -278,13 +365,17 @@ def convert_source(src: str, dtype=np.float32, prediction_type: Optional[str] = 
     if kind is None:
       raise ConversionError(f"{src}/config.json: unsupported model class "
                             f"(expected UNet2DConditionModel, AutoencoderKL or CLIPTextModel)")
+    _refuse_partial(src, {kind}, (kind,), wanted, "")
     configs[kind], params[kind] = _convert_diffusers_component(kind, src, dtype)
   else:  # pipeline folder
     found = [c for c in COMPONENTS if os.path.isdir(os.path.join(src, c))]
     if not found:
       raise ConversionError(f"{src}: not a diffusers pipeline folder (no unet/, vae/ or text_encoder/) "
                             f"and no config.json")
-    for name in found:
+    listed = os.path.isfile(os.path.join(src, "model_index.json"))
+    _refuse_partial(src, set(found), _listed_components(src), wanted,
+                    "its model_index.json lists" if listed else "a pipeline folder holds")
+    for name in [c for c in found if not wanted or c in wanted]:
       folder = os.path.join(src, name)
       kind = _component_kind(_read_json(os.path.join(folder, "config.json")))
       if kind != name:
@@ -434,6 +525,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_enum("prediction_type", None, ["epsilon", "v_prediction"],
                     "overrides the scheduler config; single files cannot tell (SD 2.x 768-v is v)", flag_values=fv)
   flags.DEFINE_bool("drop_ema", False, "discard model_ema.* weights of CompVis files", flag_values=fv)
+  flags.DEFINE_list("components", None, "convert only these of unet,vae,text_encoder (default: all; a source "
+                    "lacking one that it should hold is refused)", flag_values=fv)
   flags.DEFINE_enum("to", "flax", ["flax", "diffusers"],
                     "'diffusers': export a converted Flax checkpoint back to PyTorch-layout safetensors",
                     flag_values=fv)
@@ -452,7 +545,7 @@ def run(fv: flags.FlagValues) -> int:
       raise ConversionError(f"{fv.output}: already exists (pass --overwrite to replace it)")
     dtype = _dtype(fv.dtype)
     _PROGRESS["enabled"] = True
-    configs, params, schedule = convert_source(fv.source, dtype, fv.prediction_type, fv.drop_ema)
+    configs, params, schedule = convert_source(fv.source, dtype, fv.prediction_type, fv.drop_ema, fv.components)
     save_converted(fv.output, configs, params, schedule, source=os.path.abspath(fv.source),
                    dtype_name=fv.dtype, overwrite=fv.overwrite)
   except ConversionError as e:

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from videoldm_jax import aot, checkpoint, config_lib, optim, parallel, tasks
+from videoldm_jax import aot, checkpoint, cli, config_lib, optim, parallel, tasks
 from videoldm_jax.models import unet as unet_lib
 
 FLAGS = flags.FLAGS
@@ -381,6 +381,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-  define_flags()
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run_config_program("videoldm_jax.plan", define_flags, main, required=("config",))

@@ -12,10 +12,14 @@ batch, preview samples, checkpoints and preemption handling.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
+import functools
 import json
 import logging
+import os
+import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -26,7 +30,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from videoldm_jax import aot, checkpoint, config_lib, optim, parallel, sampling, tasks, writers
+from videoldm_jax import aot, checkpoint, cli, config_lib, optim, parallel, sampling, tasks, writers
 from videoldm_jax.evaluation import fvd
 
 FLAGS = flags.FLAGS
@@ -34,6 +38,11 @@ FLAGS = flags.FLAGS
 
 class NonFiniteError(FloatingPointError):
   """Raised when a step produced a non-finite loss or gradient norm (the update was skipped)."""
+
+
+class ConfigError(ValueError):
+  """The config cannot run (a bad value, a path that does not exist); raised before any device work and before
+  anything is written into the workdir. The message names the key."""
 
 
 @dataclasses.dataclass
@@ -54,6 +63,42 @@ def check_model_init(config, task) -> None:
     raise ValueError(f"config.model_init is empty: stage {config.stage!r} trains new layers on a frozen backbone; "
                      "point it at a converted checkpoint directory or a trained 'image' workdir (runlocal runs may "
                      "use a random backbone)")
+
+
+def _exists(path: str) -> Optional[bool]:
+  """Whether ``path`` exists; None when that cannot be told here (e.g. a remote filesystem without access)."""
+  try:
+    return epath.Path(path).exists()
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def config_paths(config) -> List[Tuple[str, str]]:
+  """``(key, path)`` of every file or folder a stage config reads, for the keys that are set and in use."""
+  out = [(k, config.get(k) or "") for k in ("model_init", "resume")]
+  if config.data.source != "synthetic":
+    out.append(("data.data_dir", config.data.data_dir or ""))
+  if "autoencoder" in config:
+    out += [(f"autoencoder.{k}", config.autoencoder.get(k) or "") for k in ("lpips_vgg", "lpips_lin")]
+  if int(config.evaluation.every_steps) and str(config.evaluation.reference).endswith(".npz"):
+    out.append(("evaluation.reference", str(config.evaluation.reference)))
+  return [(k, str(v)) for k, v in out if v]
+
+
+def check_paths(config, prefix: str = "config") -> None:
+  """Raises ``ConfigError`` naming the first path of ``config_paths`` that does not exist, or a ``resume`` /
+  ``model_init`` folder of the wrong kind (checked before any device work: a typo costs seconds, not an init and
+  a compile)."""
+  for key, path in config_paths(config):
+    if _exists(path) is False:
+      raise ConfigError(f"{prefix}.{key}={path!r}: no such file or directory")
+  resume = config.get("resume") or ""
+  if resume and _exists(os.path.join(resume, "checkpoints")) is False:
+    raise ConfigError(f"{prefix}.resume={resume!r}: not a training workdir (no checkpoints/)")
+  model_init = config.get("model_init") or ""
+  if model_init and all(_exists(os.path.join(model_init, n)) is False for n in ("config.json", "checkpoints")):
+    raise ConfigError(f"{prefix}.model_init={model_init!r}: neither a converted checkpoint (config.json + unet/ "
+                      "vae/ ...) nor a training workdir (checkpoints/)")
 
 
 def run_rngs(config):
@@ -82,51 +127,101 @@ def _write_config(config, workdir: epath.Path) -> None:
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def train_and_evaluate(config, workdir: str) -> TrainResult:
-  """Trains ``config.stage`` in ``workdir`` (resuming if it holds a checkpoint). Returns the final state."""
+def train_and_evaluate(config, workdir: str,
+                       watcher: Optional[checkpoint.PreemptionWatcher] = None) -> TrainResult:
+  """Trains ``config.stage`` in ``workdir`` (resuming if it holds a checkpoint). Returns the final state.
+
+  SIGTERM is handled from the first line on (``watcher``: the caller's, else one installed here for the call): a
+  stop during start-up (validation, init, restore, compile) ends the run before its first step with nothing new
+  to save, a later one at the next step with a checkpoint; ``TrainResult.preempted`` says so either way.
+  """
+  own_watcher = watcher is None
+  if own_watcher:
+    watcher = checkpoint.PreemptionWatcher()
+  try:
+    return _train_and_evaluate(config, workdir, watcher)
+  finally:
+    if own_watcher:
+      watcher.restore()
+
+
+def _train_and_evaluate(config, workdir: str, watcher: checkpoint.PreemptionWatcher) -> TrainResult:
   # ----------------------------------------------------------------------------------------------------------
-  # Set-up: validate, settings from the model_init source, mesh, task, data.
+  # Set-up: validate (keys, values, the paths the config names), settings from the model_init source, mesh,
+  # task. Nothing is written into the workdir until all of it passed.
   # ----------------------------------------------------------------------------------------------------------
-  tasks.validate(config)
-  config = tasks.get(config.stage).resolve_config(config)
+  try:
+    tasks.validate(config)
+    check_paths(config)
+    config = tasks.get(config.stage).resolve_config(config)
+    mesh = parallel.make_mesh(config)
+    rules = parallel.logical_rules(config)
+    config_lib.validate_for_mesh(config, parallel.data_parallel_size(mesh), jax.process_count())
+    task = tasks.get(config.stage)(config)
+    check_model_init(config, task)
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   wd = epath.Path(workdir)
   is_main = jax.process_index() == 0
   if is_main:
     _write_config(config, wd)
-  mesh = parallel.make_mesh(config)
-  rules = parallel.logical_rules(config)
-  config_lib.validate_for_mesh(config, parallel.data_parallel_size(mesh), jax.process_count())
-  task = tasks.get(config.stage)(config)
-  check_model_init(config, task)
 
   init_rng, train_rng, eval_rng, sample_rng = run_rngs(config)
   data = task.input_pipeline(mesh)
   ckpt = checkpoint.Checkpointer(str(wd / "checkpoints"), keep=config.keep_checkpoints,
                                  async_save=config.async_checkpointing)
 
-  # ----------------------------------------------------------------------------------------------------------
-  # State: sharded from the logical rules; checkpoint -> resume -> model_init -> scratch.
-  # ----------------------------------------------------------------------------------------------------------
-  copts = aot.compiler_options(config)
-  restored = checkpoint.restore_or_init(config, workdir, task.init, init_rng, mesh, rules, task.tx, ckpt, data,
-                                        compiler_options=copts)
-  state, frozen = restored.state, restored.frozen
-  start_step = int(jax.device_get(state.step))
-  n_train = sum(x.size for x in jax.tree.leaves(state.params))
-  n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
-  logging.info("Params: %d trainable, %d frozen (%s; %d freshly initialised); starting at step %d", n_train,
-               n_frozen, restored.source, len(restored.initialised), start_step)
+  def close_inputs():
+    ckpt.close()
+    if hasattr(data, "close"):
+      data.close()
 
-  # ----------------------------------------------------------------------------------------------------------
-  # AOT compile of the train step (out-of-memory shows here, before any step runs).
-  # ----------------------------------------------------------------------------------------------------------
-  batch = next(data)
-  check_batch(batch, task.abstract_batch(int(config.batch_size)))
-  lowered = aot.lower_train_step(task.train_step, (state, frozen, batch, train_rng), restored.state_shardings,
-                                 restored.frozen_shardings, mesh, rules)
-  compiled, stats = aot.compile_with_stats(lowered, copts)
-  logging.info("Compiled train step in %.1fs; memory per device: %s; flops per step: %s", stats.compile_seconds,
-               stats.memory, stats.flops)
+  def stopped_in_start_up(restored, start_step: int, when: str) -> Optional[TrainResult]:
+    """A TrainResult (preempted, nothing trained) when SIGTERM came during start-up, else None."""
+    if not watcher.should_stop(start_step):
+      return None
+    logging.warning("Stopped by SIGTERM during start-up (%s), before step %d: nothing new to save; rerun the same "
+                    "command to continue from %s", when, start_step + 1,
+                    f"step {start_step}" if restored.source == "checkpoint" else "the start")
+    close_inputs()
+    return TrainResult(state=restored.state, frozen=restored.frozen, task=task, step=start_step, history=[],
+                       eval_history=[], preempted=True)
+
+  try:
+    # --------------------------------------------------------------------------------------------------------
+    # State: sharded from the logical rules; checkpoint -> resume -> model_init -> scratch.
+    # --------------------------------------------------------------------------------------------------------
+    copts = aot.compiler_options(config)
+    restored = checkpoint.restore_or_init(config, workdir, task.init, init_rng, mesh, rules, task.tx, ckpt, data,
+                                          compiler_options=copts)
+    state, frozen = restored.state, restored.frozen
+    start_step = int(jax.device_get(state.step))
+    n_train = sum(x.size for x in jax.tree.leaves(state.params))
+    n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
+    logging.info("Params: %d trainable, %d frozen (%s; %d freshly initialised); starting at step %d", n_train,
+                 n_frozen, restored.source, len(restored.initialised), start_step)
+    stopped = stopped_in_start_up(restored, start_step, "after the restore")
+    if stopped is not None:
+      return stopped
+
+    # --------------------------------------------------------------------------------------------------------
+    # AOT compile of the train step (out-of-memory shows here, before any step runs).
+    # --------------------------------------------------------------------------------------------------------
+    batch = next(data)
+    check_batch(batch, task.abstract_batch(int(config.batch_size)))
+    lowered = aot.lower_train_step(task.train_step, (state, frozen, batch, train_rng), restored.state_shardings,
+                                   restored.frozen_shardings, mesh, rules)
+    compiled, stats = aot.compile_with_stats(lowered, copts)
+    logging.info("Compiled train step in %.1fs; memory per device: %s; flops per step: %s", stats.compile_seconds,
+                 stats.memory, stats.flops)
+    stopped = stopped_in_start_up(restored, start_step, "after the compile")
+    if stopped is not None:
+      return stopped
+  except BaseException:
+    close_inputs()
+    raise
 
   # Fixed evaluation batch (deterministic, independent of the training stream) and noise. Evaluation and
   # previews are jitted under the run's mesh and logical-axis rules, as the train step, so the model's sharding
@@ -157,7 +252,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   if is_main and start_step == 0:
     writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
   progress = writers.ReportProgress(config.total_steps, writer, every_secs=config.progress_every_secs)
-  watcher = checkpoint.PreemptionWatcher()
+  loss_scale = LossScale()
   history: List[Dict[str, float]] = []
   eval_history: List[Dict[str, float]] = []
   pending: List[Tuple[int, Any]] = []  # (step, metrics on device) not yet fetched
@@ -176,10 +271,12 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
         ckpt.wait()
         raise NonFiniteError(
             f"Non-finite loss or gradient norm at step {step} (loss={host.get('loss')}, "
-            f"grad_norm={host.get('grad_norm')}): the update was skipped and training stopped. Last good "
-            f"checkpoint: {'step ' + str(last_saved) if last_saved is not None else 'none'} in "
-            f"{wd / 'checkpoints'}. Lower config.optimizer.lr, raise config.optimizer.warmup_steps, check the "
-            "inputs, or use config.dtype='float32'.")
+            f"grad_norm={host.get('grad_norm')}): the update was skipped and training stopped. "
+            f"{loss_scale.last_good(step, last_saved, ckpt.all_steps(), wd / 'checkpoints')} Lower "
+            "config.optimizer.lr, raise config.optimizer.warmup_steps, check the inputs, or use "
+            "config.dtype='float32'.")
+      if "loss" in host:
+        loss_scale.update(step, host["loss"])
       history.append(dict(host, step=step))
       out.append(host)
     return out
@@ -234,12 +331,64 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
       _write_info(task, state, frozen, eval_batch if eval_batch is not None else batch, eval_rng, wd)
   finally:
     ckpt.close()
-    watcher.restore()
     writer.flush()
     if hasattr(data, "close"):
       data.close()
   return TrainResult(state=state, frozen=frozen, task=task, step=step, history=history, eval_history=eval_history,
                      preempted=preempted, compile_seconds=stats.compile_seconds, memory=stats.memory)
+
+
+class LossScale:
+  """The scale of the training loss, to tell a diverging run from a merely finite one.
+
+  A running median of the last ``window`` finite losses; a loss above ``factor`` x that median (once ``min_count``
+  losses are known) starts a divergence and the first loss back under it ends it. While a divergence lasts the
+  median stays at its value before the onset, so a slow climb does not drag it along.
+  """
+
+  def __init__(self, factor: float = 10.0, window: int = 200, min_count: int = 4):
+    self.factor, self.min_count = factor, min_count
+    self.losses: collections.deque = collections.deque(maxlen=window)
+    self.diverging_since: Optional[int] = None  # first step of the current divergence
+    self.onset: Tuple[float, float] = (0.0, 0.0)  # (median before it, loss) at that step
+
+  @property
+  def median(self) -> Optional[float]:
+    return float(np.median(self.losses)) if len(self.losses) >= self.min_count else None
+
+  def update(self, step: int, loss: float) -> None:
+    if not np.isfinite(loss):
+      return
+    median = self.median
+    if median is not None and median > 0 and loss > self.factor * median:
+      if self.diverging_since is None:
+        self.diverging_since, self.onset = step, (median, loss)
+      return
+    self.diverging_since = None
+    self.losses.append(loss)
+
+  def last_good(self, step: int, last_saved: Optional[int], kept: List[int], directory) -> str:
+    """One or two sentences naming the checkpoint to go back to after a non-finite ``step``: the newest one
+    (of the ``kept`` steps) saved before the divergence, or plainly that the newest one is only finite."""
+    k = f"{self.factor:g}x"
+    if self.diverging_since is None:
+      if last_saved is None:
+        return f"No checkpoint was saved in {directory}."
+      median = self.median
+      scale = (f"no divergence seen: the loss was within {k} its running median {median:.4g} before step {step}"
+               if median is not None and median > 0 else "the loss scale is unknown: it is only known to be finite")
+      return f"Last good checkpoint: step {last_saved} in {directory} ({scale})."
+    onset = self.diverging_since
+    median, loss = self.onset
+    head = (f"The loss diverged before that: from step {onset} on it stayed above {k} its running median "
+            f"{median:.4g} (loss {loss:.4g} at step {onset}).")
+    before = [s for s in kept if s < onset]
+    if before:
+      after = (f"; step {last_saved} is finite but was saved after the divergence began"
+               if last_saved is not None and last_saved >= onset else "")
+      return f"{head} Last good checkpoint: step {max(before)} in {directory}, saved before it{after}."
+    newest = f"; the newest, step {last_saved}, is only finite" if last_saved is not None else ""
+    return f"{head} No checkpoint from before step {onset} is kept in {directory}{newest}."
 
 
 class VideoEvaluation:
@@ -314,17 +463,24 @@ def finished(config, workdir: str) -> bool:
   return step is not None and step >= int(config.total_steps)
 
 
-def train_chain(config, workdir: str) -> Dict[str, Optional[TrainResult]]:
+def train_chain(config, workdir: str,
+                watcher: Optional[checkpoint.PreemptionWatcher] = None) -> Dict[str, Optional[TrainResult]]:
   """Trains the stages of ``config.chain`` in order, stage S with ``config.stages.S`` in ``WORKDIR/S``.
 
   An empty ``model_init`` of a stage becomes the previous stage's workdir (which names its own sources in turn),
-  so every stage starts from all earlier results. A stage already at its ``total_steps`` is skipped and an
+  so every stage starts from all earlier results, or the workdir of the stage ``config.init_from`` names. A stage already at its ``total_steps`` is skipped and an
   interrupted one resumes, so rerunning the command continues the chain. Afterwards ``config.sample_videos``
   long videos through the chain's pipeline stages go to ``WORKDIR/sample.{mp4,gif,png}`` (``sampling``;
   rewritten only when a stage trained or they are missing). Returns ``{stage: TrainResult, or None when skipped}``; only the last
-  trained stage keeps its state in memory.
+  trained stage keeps its state in memory. The config (every stage's keys, values and paths) is checked before
+  anything is written; ``watcher`` as in ``train_and_evaluate``.
   """
-  tasks.validate(config)
+  try:
+    tasks.validate(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  for name in config.chain:
+    check_paths(config.stages[name], prefix=f"config.stages.{name}")
   wd = epath.Path(workdir)
   if jax.process_index() == 0:
     _write_config(config, wd)
@@ -332,8 +488,9 @@ def train_chain(config, workdir: str) -> Dict[str, Optional[TrainResult]]:
   previous = None
   for name in config.chain:
     stage_config = copy.deepcopy(config.stages[name])
-    if not stage_config.model_init and previous is not None:
-      stage_config.model_init = str(wd / previous)
+    source = config_lib.chain_init_stage(config, name, previous)
+    if not stage_config.model_init and source is not None:
+      stage_config.model_init = str(wd / source)
     stage_dir = str(wd / name)
     if finished(stage_config, stage_dir):
       logging.info("Chain: stage %r already finished in %s, skipped", name, stage_dir)
@@ -343,7 +500,7 @@ def train_chain(config, workdir: str) -> Dict[str, Optional[TrainResult]]:
       for done in results.values():  # device memory goes to the stage that trains now
         if done is not None:
           done.state = done.frozen = None
-      res = train_and_evaluate(stage_config, stage_dir)
+      res = train_and_evaluate(stage_config, stage_dir, watcher)
       results[name] = res
       if res.preempted:
         logging.warning("Chain stopped during stage %r; rerun the same command to continue", name)
@@ -401,7 +558,11 @@ def _quiet_library_logs() -> None:
   absl_logging.get_absl_handler().addFilter(_Filter())
 
 
-def main(argv):
+def main(argv, watcher: Optional[checkpoint.PreemptionWatcher] = None) -> int:
+  """The command: trains a stage or a chain. Exit status 0 when done, ``--preemption_exit_code`` after a stop on
+  SIGTERM (restart it to continue), 2 for a config that cannot run and 1 for a run that cannot go on (no
+  checkpoint restores, a non-finite loss), each with one line on stderr."""
+  watcher = watcher or checkpoint.PreemptionWatcher()
   _quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -411,19 +572,28 @@ def main(argv):
   parallel.initialize_distributed(config)
   logging.info("JAX %s: %d devices (%s), %d processes", jax.__version__, jax.device_count(),
                jax.devices()[0].platform, jax.process_count())
-  if config_lib.is_chain(config):
-    train_chain(config, FLAGS.workdir)
-  else:
-    train_and_evaluate(config, FLAGS.workdir)
+  try:
+    if config_lib.is_chain(config):
+      results = train_chain(config, FLAGS.workdir, watcher)
+      preempted = any(r is not None and r.preempted for r in results.values())
+    else:
+      preempted = train_and_evaluate(config, FLAGS.workdir, watcher).preempted
+  except (ConfigError, checkpoint.CheckpointError, NonFiniteError) as e:
+    print(f"videoldm_jax.train: {e}", file=sys.stderr)
+    return 2 if isinstance(e, ConfigError) else 1
+  return int(FLAGS.preemption_exit_code) if preempted else 0
 
 
 def define_flags() -> None:
   """Command-line flags (defined only when run as a program, so importing this module has no side effects)."""
   config_flags.DEFINE_config_file("config", None, "Training config file (path[:args]).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and samples.")
+  flags.DEFINE_integer("preemption_exit_code", 0, "Exit status after a stop on SIGTERM (checkpoint saved, or "
+                       "nothing to save yet): 0, or a code the launcher restarts on (launch/: 42).")
 
 
 if __name__ == "__main__":
-  define_flags()
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  # SIGTERM is handled from here on: a preemption during start-up (imports aside) stops cleanly too.
+  _WATCHER = checkpoint.PreemptionWatcher()
+  cli.run_config_program("videoldm_jax.train", define_flags, functools.partial(main, watcher=_WATCHER),
+                         required=("config", "workdir"))

@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional, Tuple
 import flax.linen as nn
 import jax
 import ml_collections
+from etils import epath
 from flax import traverse_util
 
 from videoldm_jax import checkpoint, config_lib, optim, parallel, tasks
@@ -41,6 +42,9 @@ def resolve_stage(workdir: str, stage: Optional[str] = None) -> str:
     stage = stage or chain[-1]
     if stage not in chain:
       raise ValueError(f"--stage={stage!r}: the chain in {workdir} has stages {chain}")
+    if not os.path.exists(os.path.join(workdir, stage, "config.json")):
+      raise FileNotFoundError(f"{workdir}: a chain workdir whose stage {stage!r} has not started training yet "
+                              f"(no {stage}/config.json)")
     return os.path.join(workdir, stage)
   if stage and stage != config.stage:
     raise ValueError(f"--stage={stage!r}: {workdir} is the workdir of stage {config.stage!r}")
@@ -66,9 +70,20 @@ def pipeline_stage_dirs(spec: str) -> Dict[str, str]:
   return out
 
 
+def check_trained(stage_dir: str) -> None:
+  """Raises ``FileNotFoundError`` naming what a training workdir lacks to be loaded: ``checkpoints/``, or a
+  finished step in it."""
+  ckdir = epath.Path(stage_dir) / "checkpoints"
+  if not ckdir.exists():
+    raise FileNotFoundError(f"{stage_dir}: a training workdir (config.json) with no checkpoints/ yet")
+  if not any(p.name.isdigit() and (p / "state").exists() for p in ckdir.iterdir()):
+    raise FileNotFoundError(f"{stage_dir}: a training workdir whose checkpoints/ holds no finished step yet")
+
+
 def load_trained(stage_dir: str, config, mesh) -> Tuple[Any, Any, Any]:
   """``(task, trainable, frozen)`` of a trained stage: trainable params from its latest checkpoint (EMA when
   saved), frozen params from its ``frozen/`` or the ``model_init`` it was started from, sharded over ``mesh``."""
+  check_trained(stage_dir)
   task = tasks.get(config.stage)(config)
   boxed = jax.eval_shape(task.init, jax.random.key(0, impl="rbg"))
   shardings = parallel.param_shardings(boxed, mesh, parallel.logical_rules(config))

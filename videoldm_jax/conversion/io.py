@@ -61,6 +61,12 @@ class TorchPickleSource(TensorSource):
       raise ConversionError(f"{path}: reading PyTorch pickles needs torch installed "
                             f"(pip install -e '.[dev]'); safetensors files need no torch") from e
     self.name = str(path)
+    with open(path, "rb") as f:
+      head = f.read(4)
+    # torch.save writes a zip archive (or, legacy, a pickle: protocol 2+ starts with PROTO); anything else is not
+    # a checkpoint at all, whatever its name, and must not be reported as a malicious pickle.
+    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):
+      raise ConversionError(f"{path}: not a readable checkpoint (neither a PyTorch zip archive nor a pickle)")
     try:
       try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -69,12 +75,23 @@ class TorchPickleSource(TensorSource):
           raise
         obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format cannot mmap
     except Exception as e:
-      msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-      if "Weights only load failed" in str(e) or "Unsupported global" in str(e) or "UnpicklingError" in type(e).__name__:
+      text = str(e)
+      lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+      # torch wraps the unpickler's own words in a preamble and an epilogue about weights_only
+      noise = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler")
+      words = [ln for ln in lines if not ln.startswith(noise)]
+      reason = (words[0] if words else (lines[0] if lines else type(e).__name__)).rstrip(".")
+      blocked = [ln for ln in words if "global" in ln.lower()]  # an import the weights-only reader refused
+      if blocked:
         raise ConversionError(
-            f"{path}: refused -- this pickle needs more than plain tensors to load (it would execute code: {msg}). "
-            f"Only weights-only checkpoints are accepted; convert it to .safetensors with a trusted tool.") from e
-      raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({msg})") from e
+            f"{path}: refused -- this pickle needs more than plain tensors to load (it would execute code: "
+            f"{blocked[0].rstrip('.')}). Only weights-only checkpoints are accepted; convert it to .safetensors "
+            "with a trusted tool.") from e
+      if "Weights only load failed" in text and (head == b"PK\x03\x04" or _starts_with_a_pickle(path)):
+        raise ConversionError(
+            f"{path}: refused -- this pickle uses more than the weights-only reader allows ({reason}). Only "
+            "weights-only checkpoints are accepted; convert it to .safetensors with a trusted tool.") from e
+      raise ConversionError(f"{path}: not a readable checkpoint ({reason})") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
       obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -92,6 +109,19 @@ class TorchPickleSource(TensorSource):
 
   def _read(self, key):
     return self._tensors[key].detach().float().numpy()
+
+
+def _starts_with_a_pickle(path: str) -> bool:
+  """Whether the file starts with one well-formed pickle (torch's legacy format is several in a row), as opposed
+  to bytes that only happen to begin like one."""
+  import pickletools
+  try:
+    with open(path, "rb") as f:
+      for _ in pickletools.genops(f):
+        pass
+    return True
+  except Exception:  # pylint: disable=broad-except  (pickletools raises ValueError and others on garbage)
+    return False
 
 
 def open_checkpoint(paths: Sequence[str] | str) -> TensorSource:

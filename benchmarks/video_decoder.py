@@ -8,8 +8,9 @@ absent), with the same step budget and frames per step:
   decoder trainable, 2D PatchGAN): what the budget buys without temporal layers;
 * ``video``: the ``decoder`` stage for ``--steps`` steps on 8-frame 30 fps clips (temporal layers + 3D PatchGAN).
 
-Each reconstructs the same ``--clips`` held-out clips of 16 frames (frozen encoder, posterior mode; the video
-decoder sees each whole clip) and reports per-frame L1 and PSNR, the flicker error
+Each reconstructs the same ``--clips`` held-out clips of 16 frames (frozen encoder; the video decoder sees each
+whole clip) from the posterior mode and, as a stand-in for generated latents whose frames disagree slightly, from
+posterior samples drawn independently per frame (``latents=sample``), and reports per-frame L1 and PSNR, the flicker error
 ``mean |(x̂_{t+1} - x̂_t) - (x_{t+1} - x_t)|`` and the reconstruction FVD (I3D features of reconstructions vs
 the original clips), next to the FVD of two disjoint real sets of the same size (the noise floor).
 
@@ -29,6 +30,7 @@ from absl import app, flags
 from configs import rds
 from videoldm_jax import optim, parallel, train, workdirs
 from videoldm_jax.evaluation import fvd
+from videoldm_jax.models import vae as vae_lib
 from videoldm_jax.tasks.autoencoder import psnr
 from videoldm_jax.tasks.decoder import flicker_error
 
@@ -66,8 +68,9 @@ def _arm_dirs(root: str, ae_dir: str, steps: int, seed: int):
           "video": _train(video, os.path.join(root, f"video_{steps}_{seed}"))}
 
 
-def _reconstruct(stage_dir: str, clips: np.ndarray) -> np.ndarray:
-  """uint8 clips ``[n, t, h, w, 3]`` -> their reconstructions through the workdir's VAE (posterior mode)."""
+def _reconstruct(stage_dir: str, clips: np.ndarray, sample: bool) -> np.ndarray:
+  """uint8 clips ``[n, t, h, w, 3]`` -> their reconstructions through the workdir's VAE (posterior mode, or a
+  sample with a fixed seed per clip, the same for every arm: they share the frozen encoder)."""
   config = workdirs.load_run_config(stage_dir)
   mesh = parallel.make_mesh(config)
   task, trainable, frozen = workdirs.load_trained(stage_dir, config, mesh)
@@ -75,12 +78,13 @@ def _reconstruct(stage_dir: str, clips: np.ndarray) -> np.ndarray:
   video = bool(task.vae_config.temporal_decoder)
 
   @jax.jit
-  def fn(params, clip):  # [t, h, w, 3] in [-1, 1]
-    moments = task.vae.apply({"params": params}, clip, method="encode")
-    z = jnp.split(moments, 2, axis=-1)[0]
+  def fn(params, clip, rng):  # [t, h, w, 3] in [-1, 1]
+    posterior = vae_lib.DiagonalGaussian(task.vae.apply({"params": params}, clip, method="encode"))
+    z = posterior.sample(rng) if sample else posterior.mode()
     return task.vae.apply({"params": params}, z, clip.shape[0] if video else None, method="decode")
 
-  out = [np.asarray(fn(vae_params, jnp.asarray(c, jnp.float32) / 127.5 - 1.0)) for c in clips]
+  out = [np.asarray(fn(vae_params, jnp.asarray(c, jnp.float32) / 127.5 - 1.0, jax.random.PRNGKey(i)))
+         for i, c in enumerate(clips)]
   return np.clip(np.round((np.stack(out) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
@@ -105,16 +109,17 @@ def main(argv):
              "steps": FLAGS.steps, "seed": FLAGS.seed, "rows": {}}
   x = jnp.asarray(clips, jnp.float32) / 127.5 - 1.0
   print(f"{FLAGS.clips} held-out clips of {FRAMES} frames at {FPS:g} fps, {h}x{w}; real vs real FVD {floor:.1f}")
-  print(f"{'arm':10s} {'L1':>8s} {'PSNR dB':>8s} {'flicker':>8s} {'rec FVD':>8s}")
+  print(f"{'arm':10s} {'latents':8s} {'L1':>8s} {'PSNR dB':>8s} {'flicker':>8s} {'rec FVD':>8s}")
   for name in FLAGS.rows:
-    rec = _reconstruct(dirs[name], clips)
-    y = jnp.asarray(rec, jnp.float32) / 127.5 - 1.0
-    row = {"l1": float(jnp.mean(jnp.abs(y - x))),
-           "psnr": float(jnp.mean(psnr(x.reshape((-1,) + x.shape[2:]), y.reshape((-1,) + y.shape[2:])))),
-           "flicker": float(jnp.mean(flicker_error(x, y))),
-           "fvd": fvd.fvd_from_stats(real, extractor.stats(rec)), "workdir": dirs[name]}
-    results["rows"][name] = row
-    print(f"{name:10s} {row['l1']:8.4f} {row['psnr']:8.2f} {row['flicker']:8.4f} {row['fvd']:8.1f}")
+    for latents in ("mode", "sample"):
+      rec = _reconstruct(dirs[name], clips, latents == "sample")
+      y = jnp.asarray(rec, jnp.float32) / 127.5 - 1.0
+      row = {"l1": float(jnp.mean(jnp.abs(y - x))),
+             "psnr": float(jnp.mean(psnr(x.reshape((-1,) + x.shape[2:]), y.reshape((-1,) + y.shape[2:])))),
+             "flicker": float(jnp.mean(flicker_error(x, y))),
+             "fvd": fvd.fvd_from_stats(real, extractor.stats(rec)), "workdir": dirs[name]}
+      results["rows"][f"{name}/{latents}"] = row
+      print(f"{name:10s} {latents:8s} {row['l1']:8.4f} {row['psnr']:8.2f} {row['flicker']:8.4f} {row['fvd']:8.1f}")
   os.makedirs(root, exist_ok=True)
   with open(os.path.join(root, f"results_{FLAGS.steps}_{FLAGS.seed}.json"), "w") as f:
     json.dump(results, f, indent=2)

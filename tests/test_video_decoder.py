@@ -255,3 +255,25 @@ def test_decode_windows_tile_the_video():
       assert (a - start >= h or start == 0) and (stop - b >= h or stop == n)
   with pytest.raises(ValueError, match="window=0"):
     vae_lib.decode_windows(5, 0, 1)
+
+
+def test_convert_command_takes_a_diffusers_folder_and_an_sgm_single_file(reference, tmp_path):
+  """``videoldm_jax.convert``'s readers: the SVD VAE folder (config.json + weights) and an autoencoder-only sgm file
+  (``first_stage_model.*``, converted with ``--components=vae``) give the same params."""
+  from videoldm_jax import convert  # pylint: disable=g-import-not-at-top
+  from videoldm_jax.conversion import io as ckpt_io  # pylint: disable=g-import-not-at-top
+  model, config, params = reference
+  model.save_pretrained(tmp_path / "vae", safe_serialization=True)
+  configs, converted, _ = convert.convert_source(str(tmp_path / "vae"))
+  assert configs == {"vae": config}
+  sd = {k: v.numpy() for k, v in model.state_dict().items()}
+  ckpt_io.save_safetensors(_sgm_names(sd), str(tmp_path / "svd_vae.safetensors"))
+  with pytest.raises(ConversionError, match="--components=vae"):
+    convert.convert_source(str(tmp_path / "svd_vae.safetensors"))
+  configs_file, from_file, _ = convert.convert_source(str(tmp_path / "svd_vae.safetensors"), components=["vae"])
+  assert configs_file == {"vae": config}
+  ours, folder, single = (dict(flatten_paths(t)) for t in (params, converted["vae"], from_file["vae"]))
+  for path, value in ours.items():
+    np.testing.assert_array_equal(folder[path], value, err_msg="/".join(path))
+    if path[0] != "quant_conv":
+      np.testing.assert_array_equal(single[path], value, err_msg="/".join(path))

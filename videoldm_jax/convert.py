@@ -163,6 +163,7 @@ def _component_kind(config_json: Mapping) -> Optional[str]:
   return {
       "UNet2DConditionModel": "unet",
       "AutoencoderKL": "vae",
+      "AutoencoderKLTemporalDecoder": "vae",  # SVD's VAE: a video decoder
       "CLIPTextModel": "text_encoder",
       "CLIPTextModelWithProjection": "text_encoder",
   }.get(cls)
@@ -246,6 +247,10 @@ def convert_single_file(path: str, dtype, prediction_type: str = "epsilon", drop
     shown = ", ".join(stray[:8]) + (f" (+{len(stray) - 8} more)" if len(stray) > 8 else "")
     raise ConversionError(f"{path}: {len(stray)} unexpected keys outside the UNet/VAE/text encoder: {shown}")
   if not any(k.startswith(prefixes["unet"]) for k in keys):
+    if any(k.startswith(prefixes["vae"]) for k in keys):  # an autoencoder alone (e.g. SVD's video VAE)
+      vae_src = vae_conv.compvis_vae_source(PrefixSource(source, prefixes["vae"]))
+      config = vae_conv.vae_config_from_compvis(vae_src)
+      return {"vae": config}, {"vae": vae_conv.convert_vae(vae_src, config, dtype=dtype)}, {}
     raise ConversionError(f"{path}: no 'model.diffusion_model.*' keys -- not a Stable Diffusion checkpoint")
 
   configs, params = {}, {}

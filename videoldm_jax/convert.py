@@ -10,6 +10,9 @@ Usage::
 
 OUT is a directory holding ``config.json`` (model configs, schedule, provenance) and one orbax checkpoint per
 component (``unet/``, ``vae/``, ``text_encoder/``). :func:`load_converted` reads it back with no torch installed.
+An x4-upscaler pipeline folder (``StableDiffusionUpscalePipeline``: a ``low_res_scheduler/`` besides the usual
+components) also records the low-res image's noise-augmentation schedule and ``max_noise_level``
+(:func:`pipeline_metadata`; ``Converted.low_res_schedule`` / ``Converted.max_noise_level``).
 
 Every source tensor must be consumed and every Flax param filled with the right shape; otherwise the command
 exits non-zero naming the keys, and nothing is left at OUT (it is written to a temporary sibling, then renamed).
@@ -201,6 +204,55 @@ def _schedule_from_scheduler_config(cfg: Mapping) -> Dict[str, Any]:
   keys = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "prediction_type", "steps_offset",
           "set_alpha_to_one", "clip_sample", "timestep_spacing")
   return {k: cfg[k] for k in keys if k in cfg}
+
+
+# StableDiffusionUpscalePipeline's default when its model_index.json has no max_noise_level.
+DEFAULT_MAX_NOISE_LEVEL = 350
+# Schedulers whose add_noise is the VP forward process sqrt(ᾱ) x + sqrt(1 - ᾱ) ε, the low-res augmentation.
+_LOW_RES_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+
+
+def pipeline_metadata(src: str) -> Dict[str, Any]:
+  """Entries of ``config.json`` besides the components that a pipeline folder ``src`` carries ({} for others).
+
+  An x4-upscaler folder (one with ``low_res_scheduler/``, or whose ``model_index.json`` lists it) gives
+  ``low_res_schedule`` (the noise-augmentation schedule of the low-res image: beta_schedule, beta_start, beta_end,
+  num_train_timesteps, trained_betas when set; diffusers' DDPMScheduler defaults fill absent fields) and
+  ``max_noise_level`` (``model_index.json``'s, default 350). Raises ``ConversionError`` naming the file for a
+  missing or unsupported low-res scheduler and for a ``max_noise_level`` outside its schedule.
+  """
+  from videoldm_jax import diffusion
+  if not os.path.isdir(src):
+    return {}
+  index_path = os.path.join(src, "model_index.json")
+  index = _read_json(index_path) if os.path.isfile(index_path) else {}
+  entry = index.get("low_res_scheduler")
+  listed = isinstance(entry, list) and bool(entry) and entry[0] is not None
+  sched_path = os.path.join(src, "low_res_scheduler", "scheduler_config.json")
+  if not os.path.isfile(sched_path):
+    if listed or os.path.isdir(os.path.join(src, "low_res_scheduler")):
+      raise ConversionError(f"{sched_path}: missing (an x4-upscaler pipeline needs its low-res noise schedule)")
+    return {}
+  cfg = _read_json(sched_path)
+  cls = cfg.get("_class_name", "DDPMScheduler")
+  if cls not in _LOW_RES_SCHEDULERS:
+    raise ConversionError(f"{sched_path}: _class_name={cls!r} is not supported for the low-res noise augmentation "
+                          f"(expected one of {', '.join(_LOW_RES_SCHEDULERS)})")
+  try:
+    schedule = diffusion.from_diffusers_scheduler_config(cfg)
+  except ValueError as e:
+    raise ConversionError(f"{sched_path}: {e}") from e
+  low_res = {"beta_schedule": cfg.get("beta_schedule", "linear"), "beta_start": float(cfg.get("beta_start", 1e-4)),
+             "beta_end": float(cfg.get("beta_end", 0.02)),
+             "num_train_timesteps": int(cfg.get("num_train_timesteps", 1000))}
+  if cfg.get("trained_betas") is not None:
+    low_res["trained_betas"] = [float(b) for b in cfg["trained_betas"]]
+  level = index.get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL)
+  top = schedule.num_train_timesteps - 1
+  if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= top:
+    raise ConversionError(f"{index_path}: max_noise_level={level!r} must be an integer in [0, {top}] "
+                          f"(the low-res schedule's timesteps)")
+  return {"low_res_schedule": low_res, "max_noise_level": level}
 
 
 def _schedule_from_compvis(source: TensorSource, prediction_type: str) -> Dict[str, Any]:
@@ -398,10 +450,20 @@ def convert_source(src: str, dtype=np.float32, prediction_type: Optional[str] = 
 # ----------------------------------------------------------------------------------------------------------
 # Output.
 
+_META_KEYS = ("format", "source", "dtype", "schedule", "components")
+
+
 def save_converted(output: str, configs: Mapping, params: Mapping, schedule: Mapping, *, source: str = "",
-                   dtype_name: str = "float32", overwrite: bool = False) -> None:
-  """Writes OUT atomically: a temporary sibling directory is filled, then renamed into place."""
+                   dtype_name: str = "float32", overwrite: bool = False,
+                   metadata: Optional[Mapping[str, Any]] = None) -> None:
+  """Writes OUT atomically: a temporary sibling directory is filled, then renamed into place.
+
+  ``metadata``: extra JSON entries of ``config.json`` (:func:`pipeline_metadata` of the source).
+  """
   import orbax.checkpoint as ocp
+  clash = sorted(set(metadata or {}) & set(_META_KEYS))
+  if clash:
+    raise ConversionError(f"save_converted: metadata keys {clash} are reserved")
   output = os.path.abspath(output)
   if os.path.exists(output) and not overwrite:
     raise ConversionError(f"{output}: already exists (pass --overwrite to replace it)")
@@ -410,7 +472,7 @@ def save_converted(output: str, configs: Mapping, params: Mapping, schedule: Map
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
   try:
     meta = {"format": FORMAT, "source": source, "dtype": dtype_name, "schedule": dict(schedule),
-            "components": {name: config_to_dict(cfg) for name, cfg in configs.items()}}
+            "components": {name: config_to_dict(cfg) for name, cfg in configs.items()}, **(metadata or {})}
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
     with ocp.StandardCheckpointer() as ckptr:
@@ -431,6 +493,17 @@ class Converted:
   params: Dict[str, Any]
   schedule: Dict[str, Any]
   meta: Dict[str, Any]
+
+  @property
+  def low_res_schedule(self) -> Optional[Dict[str, Any]]:
+    """x4 upscaler: the low-res image's noise-augmentation scheduler config (diffusers field names); None for
+    other checkpoints."""
+    return self.meta.get("low_res_schedule")
+
+  @property
+  def max_noise_level(self) -> Optional[int]:
+    """x4 upscaler: the highest low-res noise level the pipeline accepts; None for other checkpoints."""
+    return self.meta.get("max_noise_level")
 
 
 def load_converted_configs(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -549,10 +622,11 @@ def run(fv: flags.FlagValues) -> int:
     if os.path.exists(fv.output) and not fv.overwrite:
       raise ConversionError(f"{fv.output}: already exists (pass --overwrite to replace it)")
     dtype = _dtype(fv.dtype)
+    metadata = pipeline_metadata(fv.source)  # before the weights: a bad low-res schedule fails fast
     _PROGRESS["enabled"] = True
     configs, params, schedule = convert_source(fv.source, dtype, fv.prediction_type, fv.drop_ema, fv.components)
     save_converted(fv.output, configs, params, schedule, source=os.path.abspath(fv.source),
-                   dtype_name=fv.dtype, overwrite=fv.overwrite)
+                   dtype_name=fv.dtype, overwrite=fv.overwrite, metadata=metadata)
   except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import rds
-from videoldm_jax import optim, parallel, train, workdirs
+from videoldm_jax import config_lib, optim, parallel, train, workdirs
 from videoldm_jax.evaluation import fvd
 from videoldm_jax.models import vae as vae_lib
 from videoldm_jax.tasks.autoencoder import psnr
@@ -72,6 +72,7 @@ def _reconstruct(stage_dir: str, clips: np.ndarray, sample: bool) -> np.ndarray:
   """uint8 clips ``[n, t, h, w, 3]`` -> their reconstructions through the workdir's VAE (posterior mode, or a
   sample with a fixed seed per clip, the same for every arm: they share the frozen encoder)."""
   config = workdirs.load_run_config(stage_dir)
+  config.mesh = config_lib.mesh_defaults()  # data parallel over this machine's devices
   mesh = parallel.make_mesh(config)
   task, trainable, frozen = workdirs.load_trained(stage_dir, config, mesh)
   vae_params = optim.merge({k: v for k, v in trainable.items() if k != "discriminator"}, frozen)["vae"]

@@ -2,7 +2,9 @@ r"""Driving-scene Video LDM (the paper's RDS pipeline) on the embedded synthetic
 
 Stages (``stage=``): ``autoencoder`` (optional: the KL-f8 VAE on single frames, L1 + LPIPS + KL + PatchGAN),
 ``decoder`` (the autoencoder's decoder given temporal layers and fine-tuned on 30 fps clips against a 3D
-PatchGAN, encoder frozen; the pipeline's last step decodes with it),
+PatchGAN, encoder frozen; the pipeline decodes with it), ``upsampler_image`` / ``upsampler`` (the 4x pixel-space
+super-resolution diffusion model, 128x256 -> 512x1024, conditioned on the noise-augmented low-res clip: image
+pre-training on frames, then its temporal layers on clips; the pipeline's last step),
 ``image`` (image LDM on single frames, labels day/night + crowdedness, CFG dropout 0.1) and ``base`` (key-frame
 video LDM: the image LDM frozen, only the temporal layers train), ``predictor`` (the base model + mask
 conditioning on 0-2 context frames, for long rollouts) and ``interpolator`` (3 frames between key frames, one
@@ -40,12 +42,13 @@ pre-encoded latents ``--config.data.source=latents --config.data.data_dir=...``.
 from videoldm_jax import config_lib, tasks
 
 # The stages of the default run (no ``stage=``), trained in this order, each initialised from the previous.
-CHAIN = ("autoencoder", "image", "base", "predictor", "interpolator", "decoder")
-INIT_FROM = {"decoder": "autoencoder"}  # the video decoder starts from the autoencoder, not the interpolator
+CHAIN = ("autoencoder", "image", "base", "predictor", "interpolator", "decoder", "upsampler_image", "upsampler")
+# The video decoder starts from the autoencoder, not the interpolator; the pixel-space upsampler from scratch.
+INIT_FROM = {"decoder": "autoencoder", "upsampler_image": ""}
 # runlocal chain: more steps than the stage-by-stage smoke runs (on a CPU a step costs far less than compiling it),
 # so that its videos show a road under a day or night sky.
 RUNLOCAL_CHAIN_STEPS = {"autoencoder": 100, "image": 400, "base": 80, "predictor": 200, "interpolator": 200,
-                        "decoder": 60}
+                        "decoder": 60, "upsampler_image": 150, "upsampler": 60}
 RUNLOCAL_CHAIN_SECONDS = 32.0  # length of the chain's closing pipeline video (at the interpolated 30 fps)
 
 
@@ -55,8 +58,9 @@ def _runlocal_chain(c) -> None:
     s.total_steps = steps
     s.checkpoint_every_steps = s.sample_every_steps = min(100, steps)
     s.ema_decay = 0.9  # the next stage loads EMA weights: they must forget the random init within the run
-  for stage in ("base", "predictor", "interpolator"):  # the chain's own videos (WORKDIR/sample.*) are the preview
+  for stage in ("base", "predictor", "interpolator", "upsampler"):  # the chain's own videos are the preview
     c.stages[stage].sample_every_steps = 0
+  c.stages.upsampler.sampling.num_steps = 5  # it samples every frame of the closing videos at 128x256
 
 
 def get_config(arg=None):
@@ -111,6 +115,31 @@ def get_config(arg=None):
     c.optimizer.grad_clip = 0.0
     c.autoencoder.disc_start = 0  # the decoder starts from a trained one: the video discriminator judges at once
     c.sampling.fps = 30.0
+  elif a.stage in ("upsampler_image", "upsampler"):  # Sec. 3.4: pixel-space 4x, 128x256 -> 512x1024
+    c.data.height, c.data.width = 512, 1024
+    c.data.cond_drop_prob = 0.0
+    c.model.conditioning = "none"  # the low-res clip and its noise level are the conditioning
+    # No attention at the three high-resolution levels (millions of pixels); the noise level is the class label.
+    c.model.unet_overrides = dict(c.model.unet_overrides, in_channels=6, out_channels=3, num_class_embeds=1000,
+                                  down_block_types=("DownBlock2D",) * 3 + ("CrossAttnDownBlock2D",),
+                                  up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * 3)
+    c.upsampler.crop_height, c.upsampler.crop_width = 128, 256  # patches; sampling runs on whole frames
+    c.batch_size = 64
+    c.optimizer.lr = 1e-4
+    c.optimizer.warmup_steps = 1000
+    if a.stage == "upsampler_image":
+      c.data.num_frames = 1
+      c.data.fps = 1.0
+      c.trainable = r"unet/.*"
+      c.total_steps = 100_000
+    else:
+      c.data.num_frames = 8
+      c.data.fps = 30.0
+      c.model.temporal = config_lib.video_temporal()
+      c.trainable = ".*temporal.*"
+      c.model_init_missing_ok = ".*temporal.*"  # model_init: an upsampler_image workdir
+      c.total_steps = 50_000
+      c.sampling.fps = 30.0
   elif a.stage == "image":
     c.data.num_frames = 1
     c.data.fps = 1.0
@@ -158,7 +187,7 @@ def get_config(arg=None):
     c.optimizer.warmup_steps = 1000
   else:
     raise ValueError(f"configs/rds.py: stage={a.stage!r} is not available (autoencoder, decoder, image, base, "
-                     "predictor, interpolator)")
+                     "predictor, interpolator, upsampler_image, upsampler)")
 
   if a.runlocal:
     config_lib.runlocal(c)
@@ -178,6 +207,13 @@ def get_config(arg=None):
       c.total_steps = 40
       c.autoencoder.disc_weight = 0.05  # as the runlocal autoencoder
       c.autoencoder.discriminator = dict(ndf=8, n_layers=2)
+    elif a.stage in ("upsampler_image", "upsampler"):
+      c.data.height, c.data.width = 128, 256  # 4x the runlocal key frames' 32x64
+      c.upsampler.crop_height, c.upsampler.crop_width = 32, 64
+      c.model.unet_overrides = dict(c.model.unet_overrides, down_block_types=("DownBlock2D",) * 2,
+                                    up_block_types=("UpBlock2D",) * 2)
+      c.optimizer.lr = 1e-3
+      c.batch_size = 8 if a.stage == "upsampler_image" else 4
     elif a.stage == "image":
       c.total_steps = 60
       c.optimizer.lr = 1e-3

@@ -246,13 +246,13 @@ def chain_schema() -> ConfigDict:
       sample_videos=4,     # long videos written to WORKDIR/sample.* after the last stage (0: none)
       sample_seconds=0.0,  # their length at the final fps (0: the pipeline's default number of windows)
       sample_fvd_clips=0,  # > 0: FVD of that many 16-frame clips cut from those videos vs held-out synthetic clips
-      init_from=ConfigDict(),  # {stage: earlier stage}: its empty model_init is that stage's workdir, not the previous
+      init_from=ConfigDict(),  # {stage: earlier stage or ""}: its empty model_init is that stage's workdir ("": none)
   ))
 
 
 def chain_init_stage(config, name: str, previous: Optional[str]) -> Optional[str]:
   """The earlier stage of ``config.chain`` whose workdir becomes stage ``name``'s empty ``model_init``."""
-  source = config.init_from.get(name, previous)
+  source = config.init_from.get(name, previous) or None  # "": from scratch (or its own model_init)
   chain = tuple(config.chain)
   if source is not None and (source not in chain or chain.index(source) >= chain.index(name)):
     raise ValueError(f"config.init_from.{name}={source!r} is not a stage before {name!r} in config.chain {chain}")

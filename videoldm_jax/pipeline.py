@@ -367,6 +367,48 @@ class WindowedDecode(Step):
     return Stream(chunks, stream.num_frames, stream.fps, None)
 
 
+class Upsample(Step):
+  """Pixels -> ``factor`` x larger pixels, ``window`` frames at a time: ``window_fn(cond, uint8 [b, window, h, w,
+  3], rng) -> uint8 [b, window, factor h, factor w, 3]`` (the last window padded by repeating its last frame).
+  A stream still in latents is decoded first."""
+
+  def __init__(self, name: str, window_fn: Callable, *, window: int, factor: int, decode_chunk: int = 16):
+    self.name, self.window_fn, self.window, self.factor = name, window_fn, int(window), int(factor)
+    self.decode_chunk = int(decode_chunk)
+
+  def _upsampled(self, chunks: Iterable[np.ndarray], cond, rng) -> Iterator[np.ndarray]:
+    pending: List[np.ndarray] = []
+    count, calls = 0, 0
+
+    def call(frames: np.ndarray) -> np.ndarray:
+      nonlocal calls
+      out = np.asarray(self.window_fn(cond, frames, jax.random.fold_in(rng, calls)))
+      calls += 1
+      return out
+
+    for chunk in chunks:
+      pending.append(np.asarray(chunk))
+      count += chunk.shape[1]
+      while count >= self.window:
+        frames = np.concatenate(pending, axis=1)
+        yield call(frames[:, :self.window])
+        pending, count = [frames[:, self.window:]], count - self.window
+    if count:
+      frames = np.concatenate(pending, axis=1)
+      padded = np.concatenate([frames, np.repeat(frames[:, -1:], self.window - count, axis=1)], axis=1)
+      yield call(padded)[:, :count]
+
+  def __call__(self, stream, ctx):
+    if stream is None:
+      raise ValueError(f"pipeline step {self.name!r} upsamples a video: it needs earlier stages")
+    chunks = stream.chunks
+    if stream.decode is not None:
+      chunks = decode(stream.decode, chunks, self.decode_chunk)
+    out = _counted(self._upsampled(chunks, ctx.cond, ctx.rng_for(self.name)),
+                   ctx.bar(stream.num_frames, f"{self.name}: x{self.factor}"))
+    return Stream(out, stream.num_frames, stream.fps, None)
+
+
 def run(steps: Sequence[Step], ctx: Context, *, seconds: Optional[float] = None,
         decode_chunk: int = 16) -> Stream:
   """Folds ``steps`` (in pipeline order) into a stream of uint8 frame chunks ``[b, k, H, W, 3]``.

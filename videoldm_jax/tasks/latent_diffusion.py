@@ -162,9 +162,11 @@ class Tokenize:
 class LatentDiffusionTask(Task):
   """Image / key-frame video latent diffusion (see module docstring)."""
 
+  image_stages = ("image",)  # stages without temporal layers, trained on single frames
+
   def __init__(self, config):
     self.config = config
-    self.video = config.stage != "image"
+    self.video = config.stage not in self.image_stages
     self.num_frames = int(config.data.num_frames)
     self.dtype = DTYPES[config.dtype]
     self.unet_config = unet_config(config)
@@ -212,12 +214,12 @@ class LatentDiffusionTask(Task):
   def validate_config(cls, config) -> None:
     config_lib.check_choices(config, {"diffusion.prediction": ("eps", "v"),
                                       "diffusion.schedule": ("linear", "scaled_linear")})
-    if config.stage == "image":
+    if config.stage in cls.image_stages:
       if config.model.temporal is not None:
-        raise ValueError("config.model.temporal must be None for the image stage (plain image U-Net)")
+        raise ValueError(f"config.model.temporal must be None for the {config.stage} stage (plain image U-Net)")
       if int(config.data.num_frames) != 1:
-        raise ValueError(f"config.data.num_frames={config.data.num_frames}: the image stage trains on single "
-                         "frames (1)")
+        raise ValueError(f"config.data.num_frames={config.data.num_frames}: the {config.stage} stage trains on "
+                         "single frames (1)")
     else:
       if config.model.temporal is None:
         raise ValueError(f"config.model.temporal is None but stage {config.stage!r} needs temporal layers")
@@ -229,8 +231,8 @@ class LatentDiffusionTask(Task):
                          f"config.model.label_classes {tuple(config.model.label_classes)} differ in length")
     if config.model.conditioning == "text" and not config.model.text_encoder:
       raise ValueError("config.model.text_encoder is empty but config.model.conditioning='text'")
-    vc, uc = vae_config(config), unet_config(config)
-    f = vc.downsample_factor * 2 ** (uc.num_levels - 1)
+    vc = vae_config(config)
+    f = cls.spatial_factor(config)
     if config.data.source != data_pipeline.LATENTS:
       for key in ("height", "width"):
         if int(config.data[key]) % f:
@@ -252,6 +254,11 @@ class LatentDiffusionTask(Task):
           raise ValueError(f"the latents in config.data.data_dir={config.data.data_dir!r} are scaled by {scale} "
                            f"(config.data.latent_scale or its {data_pipeline.LATENT_INFO_FILE}) but the model's "
                            f"VAE decodes with scaling_factor {vc.scaling_factor} (config.model.vae_overrides)")
+
+  @classmethod
+  def spatial_factor(cls, config) -> int:
+    """What frame sizes must be a multiple of: the VAE's downsampling times the U-Net's."""
+    return vae_config(config).downsample_factor * 2 ** (unet_config(config).num_levels - 1)
 
   @classmethod
   def resolve_config(cls, config):

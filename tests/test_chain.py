@@ -1,5 +1,5 @@
 """The default run: ``configs/rds.py:runlocal`` trains the whole chain (autoencoder -> image -> base -> predictor ->
-interpolator -> decoder), each stage in its own subfolder and initialised from the previous ones, writes sample videos;
+interpolator -> decoder -> upsampler_image -> upsampler), each stage in its own subfolder and initialised from the previous ones, writes sample videos;
 rerunning skips finished stages; the sample CLI writes a readable mp4, a gif and a contact sheet from the workdir,
 one stage's clips or the long-video pipeline. Tiny budgets (a few steps per
 stage, XLA -O0): this checks the plumbing, not the quality."""
@@ -21,7 +21,8 @@ from configs import rds
 from videoldm_jax import config_lib, parallel, sample, sampling, tasks, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = {"autoencoder": 2, "image": 3, "base": 2, "predictor": 2, "interpolator": 2, "decoder": 2}
+STEPS = {"autoencoder": 2, "image": 3, "base": 2, "predictor": 2, "interpolator": 2, "decoder": 2,
+         "upsampler_image": 2, "upsampler": 2}
 BASE_FRAMES = 3
 INTERP_FRAMES = 5  # 2 key frames per interpolator window
 
@@ -37,6 +38,7 @@ def _overrides():
       flags.append(f"{p}sampling.num_steps=2")
   flags += ["--config.stages.autoencoder.autoencoder.disc_weight=0.0",
             "--config.stages.decoder.data.num_frames=3", "--config.stages.decoder.decoder.decode_window=8",
+            "--config.stages.upsampler.data.num_frames=3",
             f"--config.stages.base.data.num_frames={BASE_FRAMES}",
             f"--config.stages.predictor.data.num_frames={BASE_FRAMES}",
             f"--config.stages.interpolator.data.num_frames={INTERP_FRAMES}"]
@@ -96,11 +98,12 @@ def _state(stage_dir):
 def test_default_config_is_the_chain():
   config = rds.get_config("runlocal")
   assert config_lib.is_chain(config) and tuple(config.chain) == rds.CHAIN == ("autoencoder", "image", "base",
-                                                                          "predictor", "interpolator", "decoder")
+                                                                          "predictor", "interpolator", "decoder",
+                                                                          "upsampler_image", "upsampler")
   tasks.validate(config)
   assert all(config.stages[s].stage == s and config.stages[s].runlocal for s in config.chain)
-  config.chain = ("image", "upsampler")
-  with pytest.raises(ValueError, match="'upsampler'"):
+  config.chain = ("image", "superres")
+  with pytest.raises(ValueError, match="'superres'"):
     tasks.validate(config)
   config.chain = ("decoder", "autoencoder")  # init_from names a stage that comes later
   with pytest.raises(ValueError, match="config.init_from.decoder='autoencoder'"):
@@ -109,14 +112,15 @@ def test_default_config_is_the_chain():
 
 def test_chain_trains_every_stage_from_the_previous(chain):
   workdir, results = chain
-  assert list(results) == ["autoencoder", "image", "base", "predictor", "interpolator", "decoder"]
+  assert list(results) == list(rds.CHAIN)
   for name, steps in STEPS.items():
     assert results[name] is not None and results[name].step == steps
     assert _state(workdir / name)[0] == steps
   # Each stage names the previous stage's workdir as its source; nothing was initialised at random and saved.
   assert not (workdir / "autoencoder" / "model_init.json").exists()
+  assert not (workdir / "upsampler_image" / "model_init.json").exists()  # init_from "": from scratch
   for name, prev in (("image", "autoencoder"), ("base", "image"), ("predictor", "base"),
-                     ("interpolator", "predictor"), ("decoder", "autoencoder")):
+                     ("interpolator", "predictor"), ("decoder", "autoencoder"), ("upsampler", "upsampler_image")):
     assert (workdir / name / "model_init.json").read_text().count(str(workdir / prev)) == 1
     assert not (workdir / name / "frozen").exists()
   # The latent scale every diffusion stage used is the one the autoencoder run measured (1 / z_std).
@@ -169,18 +173,19 @@ def test_sample_cli_writes_mp4_gif_and_contact_sheet(chain, capsys):
   sheet = np.asarray(Image.open(out + ".png"))
   assert sheet.shape == (3 * h + 2 * gap, 5 * w + 4 * gap, 3)  # a row per video, a column per frame
 
-  # The long-video pipeline: 2 key-frame windows (3 + 1 frames), interpolated x4 twice: 16 * 3 + 1 frames.
+  # The long-video pipeline: 2 key-frame windows (3 + 1 frames), interpolated x4 twice: 16 * 3 + 1 frames, decoded
+  # by the video decoder and upsampled 4x.
   assert sample.main([f"--pipeline={workdir}", "--num_samples=1", "--num_windows=2", "--steps=1",
                       f"--output={workdir}/long", "--upscale=1"]) == 0
   assert "49 frames at 30 fps from 4 key frames" in capsys.readouterr().out
   long = _decode(str(workdir / "long.mp4"))
-  assert long.shape == (49, 32, 64, 3)
+  assert long.shape == (49, 128, 256, 3)
   with av.open(str(workdir / "long.mp4")) as f:
     assert float(f.streams.video[0].average_rate) == 30.0
 
   with pytest.raises(SystemExit):  # a stage the chain does not have is named
-    sample.main([f"--workdir={workdir}", "--stage=upsampler"])
-  assert "'upsampler'" in capsys.readouterr().err
+    sample.main([f"--workdir={workdir}", "--stage=superres"])
+  assert "'superres'" in capsys.readouterr().err
 
 
 def test_rerun_skips_finished_stages(chain):

@@ -45,6 +45,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "(key frames -> rollout -> interpolate x4 -> x4 -> decode).", flag_values=fv)
   flags.DEFINE_string("decoder", None, "Pipeline / chain workdir mode: a decoder-stage workdir whose video decoder "
                       "decodes the final latents (replacing the chain's own or the image decoder).", flag_values=fv)
+  flags.DEFINE_string("upsampler", None, "Pipeline / chain workdir mode: an upsampler-stage workdir, the last step "
+                      "(4x the decoded video).", flag_values=fv)
   flags.DEFINE_string("stage", None, "Workdir mode: which stage of a chain (default: the last).", flag_values=fv)
   flags.DEFINE_integer("num_samples", 4, "Workdir / pipeline mode: number of videos.", flag_values=fv)
   flags.DEFINE_integer("batch_size", 1, "Workdir mode: videos per sampler call.", flag_values=fv)
@@ -100,7 +102,7 @@ def run(fv: flags.FlagValues) -> int:
           fv.pipeline, num_samples=fv.num_samples, seconds=fv.seconds, num_windows=fv.num_windows,
           interpolations=fv.interpolations, guidance=fv.guidance, context_guidance=fv.context_guidance,
           steps=fv.steps, seed=fv.seed, labels=parse_labels(fv.labels), prompt=prompts[0] if prompts else None,
-          output=fv.output, upscale=fv.upscale, decoder=fv.decoder)
+          output=fv.output, upscale=fv.upscale, decoder=fv.decoder, upsampler=fv.upsampler)
       print(f"{out['videos'].shape[1]} frames at {out['fps']:g} fps from {out['num_key_frames']} key frames")
       _print_paths(out)
       return 0
@@ -110,7 +112,8 @@ def run(fv: flags.FlagValues) -> int:
       out = sampling.sample_workdir(
           fv.workdir, stage=fv.stage, num_samples=fv.num_samples, batch_size=fv.batch_size, guidance=fv.guidance,
           steps=fv.steps, seed=fv.seed, labels=parse_labels(fv.labels), prompt=prompts[0] if prompts else None,
-          num_frames=fv.num_frames, output=fv.output, upscale=fv.upscale, decoder=fv.decoder)
+          num_frames=fv.num_frames, output=fv.output, upscale=fv.upscale, decoder=fv.decoder,
+          upsampler=fv.upsampler)
       _print_paths(out)
       return 0
   except (ValueError, FileNotFoundError) as e:

@@ -80,7 +80,8 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
                    guidance: Optional[float] = None, steps: Optional[int] = None, seed: int = 0,
                    labels: Optional[Dict[str, int]] = None, prompt: Optional[str] = None,
                    num_frames: Optional[int] = None, output: Optional[str] = None, upscale: int = 0,
-                   progress: bool = True, decoder: Optional[str] = None) -> Dict[str, Any]:
+                   progress: bool = True, decoder: Optional[str] = None,
+                   upsampler: Optional[str] = None) -> Dict[str, Any]:
   """Samples ``num_samples`` videos of a trained stage and writes OUTPUT.{mp4,gif,png} (default WORKDIR/sample).
 
   A chain workdir with more than one pipeline stage samples long videos (``sample_pipeline``, at the chain's
@@ -88,8 +89,8 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
   batch (its data config, no dropout): for RDS the day/night and crowdedness labels of held-out synthetic scenes,
   overridden by ``labels``; for text stages their captions, overridden by ``prompt``. ``num_frames`` (video
   stages) samples clips of another length than the stage trained on (the temporal layers take any length).
-  Returns the written paths plus ``videos`` ``[n, t, h, w, 3]`` uint8. ``decoder``: see :func:`sample_pipeline`
-  (pipeline mode only).
+  Returns the written paths plus ``videos`` ``[n, t, h, w, 3]`` uint8. ``decoder`` / ``upsampler``: see
+  :func:`sample_pipeline` (pipeline mode only).
   """
   run = workdirs.load_run_config(workdir)
   if stage is None and config_lib.is_chain(run):
@@ -97,9 +98,11 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
     if len(in_pipeline) > 1:
       return sample_pipeline(workdir, num_samples=num_samples, guidance=guidance, steps=steps, seed=seed,
                              labels=labels, prompt=prompt, output=output, upscale=upscale, progress=progress,
-                             seconds=run.get("sample_seconds") or None, decoder=decoder)
-  if decoder:
-    raise ValueError(f"--decoder={decoder}: decoders are swapped in pipeline mode (a chain workdir or --pipeline)")
+                             seconds=run.get("sample_seconds") or None, decoder=decoder, upsampler=upsampler)
+  for flag, value in (("decoder", decoder), ("upsampler", upsampler)):
+    if value:
+      raise ValueError(f"--{flag}={value}: pipeline stages are swapped in pipeline mode (a chain workdir or "
+                       "--pipeline)")
   stage_dir = workdirs.resolve_stage(workdir, stage)
   config, mesh = _sampling_config(stage_dir, num_samples, guidance=guidance, steps=steps)
   if num_frames:
@@ -122,18 +125,21 @@ def sample_pipeline(spec: str, *, num_samples: int = 4, seconds: Optional[float]
                     guidance: Optional[float] = None, context_guidance: Optional[float] = None,
                     steps: Optional[int] = None, seed: int = 0, labels: Optional[Dict[str, int]] = None,
                     prompt: Optional[str] = None, output: Optional[str] = None, upscale: int = 0,
-                    progress: bool = True, decoder: Optional[str] = None) -> Dict[str, Any]:
+                    progress: bool = True, decoder: Optional[str] = None,
+                    upsampler: Optional[str] = None) -> Dict[str, Any]:
   """Long videos through the pipeline stages of ``spec`` (a chain's workdir or a comma list of stage workdirs;
   ``workdirs.pipeline_stage_dirs``), in the order their tasks declare; writes OUTPUT.{mp4,gif,png} (default: the
   first workdir's ``sample``) at the final fps. ``decoder``: a ``decoder``-stage workdir whose video decoder decodes
-  the final latents instead of the one ``spec`` has (or the key-frame stage's image decoder). Returns the paths,
-  ``videos`` uint8 ``[n, t, h, w, 3]``, ``fps`` and ``num_key_frames``."""
+  the final latents instead of the one ``spec`` has (or the key-frame stage's image decoder); ``upsampler``: an
+  ``upsampler`` workdir, the last step. Returns the paths, ``videos`` uint8 ``[n, t, h, w, 3]``, ``fps`` and
+  ``num_key_frames``."""
   dirs = workdirs.pipeline_stage_dirs(spec)
-  if decoder:
-    stage = workdirs.load_run_config(decoder).get("stage")
-    if stage != "decoder":
-      raise ValueError(f"--decoder={decoder}: a {stage!r} workdir, not a decoder-stage one")
-    dirs["decoder"] = decoder
+  for name, path in (("decoder", decoder), ("upsampler", upsampler)):
+    if path:
+      stage = workdirs.load_run_config(path).get("stage")
+      if stage != name:
+        raise ValueError(f"--{name}={path}: a {stage!r} workdir, not a {name}-stage one")
+      dirs[name] = path
   loaded = []
   for name, d in sorted(dirs.items(), key=lambda kv: tasks.get(kv[0]).pipeline_order(kv[0])):
     config, mesh = _sampling_config(d, num_samples, guidance=guidance, steps=steps,

@@ -19,7 +19,17 @@ paper's T2V interpolator **all** U-Net params train), both initialised from the 
   python -m videoldm_jax.train --config=configs/webvid.py:stage=predictor,variant=sd15 --workdir=/tmp/t2v_pred \
       --config.model_init=/tmp/t2v_sd15 ...
 
-Pre-encoded latents (data_pipelines/) train much faster: ``--config.data.source=latents``.
+Stage ``upsampler`` (Sec. 3.4): the converted SD x4 upscaler (U-Net with 4 latent + 3 low-res channels and the
+noise level as class label, f=4 VAE, OpenCLIP text) is the frozen spatial backbone; temporal layers train on 8-frame
+clips, 320x512 -> 1280x2048, on 512x512 crops (latents 128x128), conditioned on the noise-augmented low-res clip
+(its ``low_res_scheduler``):
+
+  python -m videoldm_jax.convert --source=/models/stable-diffusion-x4-upscaler --output=/ckpt/x4
+  python -m videoldm_jax.train --config=configs/webvid.py:stage=upsampler --workdir=/tmp/t2v_up \
+      --config.model_init=/ckpt/x4 --config.data.source=webvid/<name> --config.data.data_dir=/data/tfds
+
+Pre-encoded latents (data_pipelines/) train much faster: ``--config.data.source=latents`` (not the upsampler,
+which needs the pixels of both resolutions).
 """
 
 from videoldm_jax import config_lib, tasks
@@ -74,9 +84,27 @@ def get_config(arg=None):
     c.total_steps = 10_000
     c.optimizer.lr = 5e-5
     c.optimizer.warmup_steps = 500
+  elif a.stage == "upsampler":  # the SD x4 upscaler, frozen, + temporal layers
+    c.model.unet, c.model.vae, c.model.unet_overrides, c.model.vae_overrides = "sd_x4_upscaler", "sd_x4_upscaler", {}, {}
+    c.model.text_encoder, c.model.tokenizer_pad = "openclip_vit_h14", "!"
+    c.diffusion.update(schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, prediction="v")  # its scheduler
+    c.upsampler.space = "latents"
+    c.data.height, c.data.width = 1280, 2048
+    c.upsampler.crop_height, c.upsampler.crop_width = 512, 512
+    c.data.num_frames = 8
+    c.data.fps = 30.0
+    c.model.temporal = config_lib.video_temporal(cross_attention=True)
+    c.trainable = ".*temporal.*"
+    c.model_init_missing_ok = ".*temporal.*"  # model_init: the converted x4 upscaler
+    c.sampling.guidance_scale = 9.0
+    c.sampling.num_steps = 50
+    c.batch_size = 32
+    c.total_steps = 10_000
+    c.optimizer.lr = 1e-4
+    c.optimizer.warmup_steps = 500
   else:
     raise ValueError(f"configs/webvid.py: stage={a.stage!r} is not available (image, base, predictor, "
-                     "interpolator)")
+                     "interpolator, upsampler)")
 
   if a.runlocal:
     config_lib.runlocal(c)
@@ -87,4 +115,15 @@ def get_config(arg=None):
     if a.stage in ("predictor", "interpolator"):
       c.batch_size = 4
       c.total_steps = 30
+    if a.stage == "upsampler":  # tiny x4-shaped U-Net (4 levels) and f=4 VAE, 32x64 -> 128x256 on 64x64 crops
+      c.model.unet, c.model.text_encoder, c.model.tokenizer_pad = "tiny_x4_upscaler", "tiny", "<|endoftext|>"
+      c.model.unet_overrides = dict(cross_attention_dim=32)  # the tiny text encoder's width
+      c.model.vae = "tiny"
+      c.model.vae_overrides = dict(block_out_channels=(16, 32, 32), scaling_factor=0.08333)
+      c.data.height, c.data.width = 128, 256
+      c.upsampler.crop_height, c.upsampler.crop_width = 64, 64
+      c.model.temporal = config_lib.video_temporal(cross_attention=True)
+      c.batch_size = 4
+      c.total_steps = 20
+      c.sampling.num_steps = 4
   return c

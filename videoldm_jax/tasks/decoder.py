@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
-from typing import Dict, Optional
+from typing import Dict
 
 import einops
 import jax

@@ -61,6 +61,8 @@ def _runlocal_chain(c) -> None:
   for stage in ("base", "predictor", "interpolator", "upsampler"):  # the chain's own videos are the preview
     c.stages[stage].sample_every_steps = 0
   c.stages.upsampler.sampling.num_steps = 5  # it samples every frame of the closing videos at 128x256
+  for stage in ("upsampler_image", "upsampler"):  # each evaluation samples whole 128x256 frames
+    c.stages[stage].eval_every_steps = RUNLOCAL_CHAIN_STEPS[stage] // 2
 
 
 def get_config(arg=None):

@@ -9,12 +9,14 @@ Layouts are channels-last: images ``[b, h, w, c]``, videos ``[b, t, h, w, c]``, 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Axes = Tuple[Optional[str], ...]
@@ -146,16 +148,218 @@ def splash_applies(nq: int, nk: int, head_dim: int, mask, self_attention: bool) 
           and head_dim <= 256)
 
 
+# "blockwise": flash-style attention in plain JAX. Queries and keys/values are split into blocks of at most these
+# many tokens; the largest temporary is one [b, heads, q_block, kv_block] fp32 logits block instead of the
+# [b, heads, n_q, n_k] score matrix.
+BLOCKWISE_Q_BLOCK = 512
+BLOCKWISE_KV_BLOCK = 1024
+# The logit jax.nn.dot_product_attention gives masked-out keys: finite, so a fully masked row averages every key.
+_MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
+
+IMPLEMENTATIONS = (None, "xla", "cudnn", "splash", "blockwise")
+
+
+def check_implementation(implementation: Optional[str], what: str = "implementation") -> Optional[str]:
+  """Returns ``implementation``; raises ``ValueError`` naming ``what`` unless it is one of ``IMPLEMENTATIONS``."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"{what}={implementation!r}: expected one of {IMPLEMENTATIONS}")
+  return implementation
+
+
+def _split(n: int, block: int) -> Tuple[int, int]:
+  """``(count, size)``: the fewest blocks of at most ``block`` tokens covering ``n``, as even as possible (the
+  padding ``count * size - n`` is below ``count``)."""
+  if block < 1:
+    raise ValueError(f"attention block size must be >= 1, got {block}")
+  count = -(-n // min(block, n))
+  return count, -(-n // count)
+
+
+def _to_blocks(x, count: int, size: int, axis: int = 1):
+  """Zero-pads ``axis`` to ``count * size`` and moves the block index to the front: ``[b, n, ...]`` ->
+  ``[count, b, size, ...]`` (for ``axis=1``)."""
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, count * size - x.shape[axis])
+  x = jnp.pad(x, pad)
+  return jnp.moveaxis(x.reshape(x.shape[:axis] + (count, size) + x.shape[axis + 1:]), axis, 0)
+
+
+def _from_blocks(x, n: int):
+  """``[count, b, size, ...]`` -> ``[b, n, ...]`` (drops the padding)."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :n]
+
+
+class _Blocks:
+  """Static block layout of one blockwise attention call and the logits of block ``(i, j)``."""
+
+  def __init__(self, nq: int, nk: int, head_dim: int, mask, q_block: int, kv_block: int):
+    self.nq, self.nk = nq, nk
+    self.nqb, self.qb = _split(nq, q_block)
+    self.nkb, self.kb = _split(nk, kv_block)
+    self.scale = 1.0 / math.sqrt(head_dim)  # jax.nn.dot_product_attention's default, applied to fp32 logits
+    self.mask_q = self.mask_k = False
+    if mask is not None:
+      # [mb, mh, mq, mk] -> [nqb, nkb, mb, mh, qb, kb]; an axis of size 1 stays whole (a key padding mask
+      # [b, 1, 1, nk] is not broadcast over the queries). Padded query rows are dropped (True keeps them ordinary
+      # rows); padded keys are removed in ``logits``.
+      mask = jnp.asarray(mask, bool).reshape((1,) * (4 - mask.ndim) + mask.shape)
+      mb, mh, mq, mk = mask.shape
+      self.mask_q, self.mask_k = mq != 1, mk != 1
+      nqb, qb = (self.nqb, self.qb) if self.mask_q else (1, 1)
+      nkb, kb = (self.nkb, self.kb) if self.mask_k else (1, 1)
+      mask = jnp.pad(mask, ((0, 0), (0, 0), (0, nqb * qb - mq), (0, 0)), constant_values=True)
+      mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, nkb * kb - mk)), constant_values=False)
+      mask = mask.reshape(mb, mh, nqb, qb, nkb, kb).transpose(2, 4, 0, 1, 3, 5)
+    self.mask = mask
+
+  def logits(self, qi, kj, i, j):
+    """fp32 scaled logits ``[b, h, qb, kb]`` of query block ``qi`` ``[b, qb, h, d]`` (index ``i``) against key
+    block ``kj`` (index ``j``): masked keys at jax's large negative logit, padding keys at -inf."""
+    s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=jnp.float32) * self.scale
+    if self.mask is not None:
+      s = jnp.where(self.mask_block(i, j), s, _MASKED_LOGIT)
+    if self.nkb * self.kb != self.nk:  # padding keys never count, not even in a fully masked row
+      s = jnp.where(j * self.kb + jnp.arange(self.kb) < self.nk, s, -jnp.inf)
+    return s
+
+  def mask_block(self, i, j):
+    """``[mb, mh, qb or 1, kb or 1]`` mask of block ``(i, j)``."""
+    return self.mask[i if self.mask_q else 0, j if self.mask_k else 0]
+
+
+def _blockwise_forward(q, k, v, mask, q_block, kv_block):
+  """Online softmax: a ``lax.map`` over query blocks, each a ``lax.scan`` over key blocks carrying the running max
+  ``m``, the running sum ``l`` (both ``[b, h, qb]`` fp32) and the unnormalised output (fp32). Returns the output
+  ``[b, nq, h, dv]`` and the blocked ``m``, ``l`` ``[nqb, b, h, qb]`` for the backward pass."""
+  b, nq, h, d = q.shape
+  nk, dv = k.shape[1], v.shape[-1]
+  blk = _Blocks(nq, nk, d, mask, q_block, kv_block)
+  kbs, vbs = _to_blocks(k, blk.nkb, blk.kb), _to_blocks(v, blk.nkb, blk.kb)
+
+  def q_block_fn(args):
+    qi, i = args
+
+    def kv_step(carry, xs):
+      m, l, acc = carry
+      kj, vj, j = xs
+      s = blk.logits(qi, kj, i, j)
+      # Every key block holds a real key (padding < one block), so m_new is finite and nothing is inf - inf.
+      m_new = jnp.maximum(m, s.max(-1))
+      alpha = jnp.exp(m - m_new)
+      p = jnp.exp(s - m_new[..., None])
+      l = alpha * l + p.sum(-1)
+      pv = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+      return (m_new, l, acc * jnp.swapaxes(alpha, 1, 2)[..., None] + pv), None
+
+    init = (jnp.full((b, h, blk.qb), -jnp.inf, jnp.float32), jnp.zeros((b, h, blk.qb), jnp.float32),
+            jnp.zeros((b, blk.qb, h, dv), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(kv_step, init, (kbs, vbs, jnp.arange(blk.nkb)))
+    return (acc / jnp.swapaxes(l, 1, 2)[..., None]).astype(q.dtype), m, l
+
+  out, m, l = jax.lax.map(q_block_fn, (_to_blocks(q, blk.nqb, blk.qb), jnp.arange(blk.nqb)))
+  return _from_blocks(out, nq), (m, l)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blockwise(q, k, v, mask, q_block, kv_block):
+  return _blockwise_forward(q, k, v, mask, q_block, kv_block)[0]
+
+
+def _blockwise_fwd(q, k, v, mask, q_block, kv_block):
+  out, stats = _blockwise_forward(q, k, v, mask, q_block, kv_block)
+  return out, (q, k, v, mask, out, stats)
+
+
+def _blockwise_bwd(q_block, kv_block, res, dout):
+  """Recomputes each probability block from the saved row statistics (flash-attention's backward): a scan over
+  query blocks carrying the fp32 dk / dv accumulators, each a scan over key blocks carrying dq of the block."""
+  q, k, v, mask, out, (m, l) = res
+  b, nq, h, d = q.shape
+  nk = k.shape[1]
+  blk = _Blocks(nq, nk, d, mask, q_block, kv_block)
+  kbs, vbs = _to_blocks(k, blk.nkb, blk.kb), _to_blocks(v, blk.nkb, blk.kb)
+  dout = dout.astype(q.dtype)
+  dobs = _to_blocks(dout, blk.nqb, blk.qb)  # zero on padded query rows: they contribute nothing
+  # delta_i = sum_j p_ij dp_ij = <dout_i, out_i>
+  delta = _to_blocks(jnp.einsum("bqhd,bqhd->bhq", dout, out, preferred_element_type=jnp.float32),
+                     blk.nqb, blk.qb, axis=2)
+
+  def q_step(carry, xs):
+    dk_acc, dv_acc = carry
+    qi, doi, mi, li, deltai, i = xs
+
+    def kv_step(dqi, xs):
+      kj, vj, dkj, dvj, j = xs
+      p = jnp.exp(blk.logits(qi, kj, i, j) - mi[..., None]) / li[..., None]
+      dvj = dvj + jnp.einsum("bhqk,bqhd->bkhd", p.astype(v.dtype), doi, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bqhd,bkhd->bhqk", doi, vj, preferred_element_type=jnp.float32)
+      ds = p * (dp - deltai[..., None])
+      if blk.mask is not None:  # a masked logit is a constant: no gradient flows through it
+        ds = jnp.where(blk.mask_block(i, j), ds, 0.0)
+      ds = (ds * blk.scale).astype(q.dtype)
+      dqi = dqi + jnp.einsum("bhqk,bkhd->bqhd", ds, kj, preferred_element_type=jnp.float32)
+      dkj = dkj + jnp.einsum("bhqk,bqhd->bkhd", ds, qi, preferred_element_type=jnp.float32)
+      return dqi, (dkj, dvj)
+
+    dqi, (dk_acc, dv_acc) = jax.lax.scan(kv_step, jnp.zeros(qi.shape, jnp.float32),
+                                         (kbs, vbs, dk_acc, dv_acc, jnp.arange(blk.nkb)))
+    return (dk_acc, dv_acc), dqi
+
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  (dk, dv), dq = jax.lax.scan(q_step, (zeros(kbs), zeros(vbs)),
+                              (_to_blocks(q, blk.nqb, blk.qb), dobs, m, l, delta, jnp.arange(blk.nqb)))
+  return (_from_blocks(dq, nq).astype(q.dtype), _from_blocks(dk, nk).astype(k.dtype),
+          _from_blocks(dv, nk).astype(v.dtype), None)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def blockwise_attention(q, k, v, mask: Optional[jax.Array] = None, *, q_block: Optional[int] = None,
+                        kv_block: Optional[int] = None):
+  """Attention that never materialises the ``[b, h, n_q, n_k]`` scores, in plain JAX (every backend and XLA's
+  cost model see it).
+
+  Queries go in blocks of at most ``q_block`` tokens (default ``BLOCKWISE_Q_BLOCK``), keys/values in blocks of at
+  most ``kv_block`` (default ``BLOCKWISE_KV_BLOCK``), both clipped to the sequence and evened out; lengths that
+  are not multiples are zero-padded and the padding masked. Softmax statistics and accumulators are fp32, the
+  output has the input dtype. The backward pass (``custom_vjp``) saves only the output and two fp32 numbers per
+  query row and recomputes the probabilities block by block, so its temporaries are O(q_block * kv_block) per
+  head as well. Matches ``jax.nn.dot_product_attention`` (scale ``d ** -0.5``), including a fully masked row:
+  the mean of every value, with zero gradient to q and k.
+
+  Args:
+    q: ``[b, n_q, h, d]``.
+    k: ``[b, n_k, h, d]``.
+    v: ``[b, n_k, h, d_v]``.
+    mask: boolean, broadcastable to ``[b, h, n_q, n_k]`` (each axis full or 1); True = attend.
+  Returns:
+    ``[b, n_q, h, d_v]`` in ``q.dtype``.
+  """
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_ or mask.ndim > 4:
+      raise ValueError(f"blockwise attention: mask must be boolean of rank <= 4, got {mask.dtype}{mask.shape}")
+    jnp.broadcast_shapes(mask.shape, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+  return _blockwise(q, k, v, mask, BLOCKWISE_Q_BLOCK if q_block is None else q_block,
+                    BLOCKWISE_KV_BLOCK if kv_block is None else kv_block)
+
+
 def dot_product_attention(q, k, v, *, num_heads: int, mask: Optional[jax.Array] = None,
                           implementation: Optional[str] = None, self_attention: bool = False):
   """Multi-head scaled dot-product attention on ``[b, n, c]`` tensors (c = heads * head_dim).
 
   ``mask``: boolean, broadcastable to ``[b, heads, n_q, n_k]``; True = attend.
-  ``implementation``: ``"splash"`` runs long self-attention (``splash_applies``) through the Pallas splash kernel
-  when compiled for TPU (XLA's attention on other platforms and for every other attention); anything else is
-  passed to ``jax.nn.dot_product_attention`` (None = XLA picks; "cudnn" for fused GPU).
+  ``implementation`` (one of ``IMPLEMENTATIONS``, else ``ValueError``): ``"splash"`` runs long self-attention
+  (``splash_applies``) through the Pallas splash kernel when compiled for TPU (XLA's attention on other platforms
+  and for every other attention); ``"blockwise"`` runs attention longer than one block (``BLOCKWISE_Q_BLOCK`` queries or
+  ``BLOCKWISE_KV_BLOCK`` keys) through ``blockwise_attention`` (flash-style, plain JAX, no ``n_q x n_k`` scores) and
+  shorter attention (frames, text) through XLA's; None / ``"xla"`` / ``"cudnn"`` are passed to
+  ``jax.nn.dot_product_attention`` (None = XLA picks; "cudnn" for fused GPU).
   Softmax runs in fp32 regardless of the input dtype.
   """
+  check_implementation(implementation)
   b, nq, c = q.shape
   nk = k.shape[1]
   head_dim = c // num_heads
@@ -168,6 +372,10 @@ def dot_product_attention(q, k, v, *, num_heads: int, mask: Optional[jax.Array] 
       out = jax.lax.platform_dependent(q, k, v, tpu=_splash_attention, default=xla)
     else:
       out = xla(q, k, v)
+  elif implementation == "blockwise" and (nq > BLOCKWISE_Q_BLOCK or nk > BLOCKWISE_KV_BLOCK):
+    out = blockwise_attention(q, k, v, mask)
+  elif implementation == "blockwise":  # one block: XLA's scores are no larger than a block, and need no loop
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
   else:
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
   return out.reshape(b, nq, -1)
@@ -186,7 +394,7 @@ class Attention(nn.Module):
     head_dim: channels per head (inner width = heads * head_dim).
     out_features: output width; defaults to the query width.
     implementation: see ``dot_product_attention`` (None = XLA, "cudnn" = fused GPU kernel, "splash" = Pallas
-      splash kernel on TPU for long self-attention).
+      splash kernel on TPU for long self-attention, "blockwise" = flash-style attention in plain JAX).
   """
   heads: int
   head_dim: int

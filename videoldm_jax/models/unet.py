@@ -83,7 +83,9 @@ class UNetConfig:
   addition_time_embed_dim: Optional[int] = None
   temporal: Optional[temporal_lib.TemporalConfig] = None  # None: image model; else the video U-Net
   # Runtime options (no effect on parameters).
-  attention_implementation: Optional[str] = None  # jax.nn.dot_product_attention implementation
+  # layers.IMPLEMENTATIONS: None / "xla" / "cudnn" (jax.nn.dot_product_attention), "splash" (TPU kernel for long
+  # self-attention), "blockwise" (flash-style in plain JAX: no attention holds scores larger than one block).
+  attention_implementation: Optional[str] = None
   # Rematerialisation of every ResnetBlock2D / Transformer2DModel (with its temporal layers) in the backward pass:
   # a REMAT_POLICIES name; bools are accepted (False = "none", True = "full").
   remat: Any = "none"
@@ -111,6 +113,7 @@ class UNetConfig:
       if ch % self.norm_num_groups:
         raise ValueError(f"UNetConfig: {ch} channels not divisible by {self.norm_num_groups} norm groups")
     object.__setattr__(self, "remat", remat_name(self.remat))
+    layers.check_implementation(self.attention_implementation, "UNetConfig.attention_implementation")
     if self.downsample_padding not in (0, 1):
       raise ValueError(f"UNetConfig.downsample_padding must be 0 or 1, got {self.downsample_padding}")
     if isinstance(self.temporal, dict):  # from JSON

@@ -306,8 +306,13 @@ def identity_in_time(key, shape, dtype=jnp.float32) -> jax.Array:
 
 
 class Attention(nn.Module):
-  """Single-head self-attention over all pixels with a residual (diffusers ``Attention`` in the mid-block)."""
+  """Single-head self-attention over all pixels with a residual (diffusers ``Attention`` in the mid-block).
+
+  ``implementation``: see ``layers.dot_product_attention``; "blockwise" avoids the ``[h*w, h*w]`` scores, which
+  dominate decoder memory at high resolution. A runtime option: the params do not depend on it.
+  """
   num_groups: int = 32
+  implementation: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -318,7 +323,7 @@ class Attention(nn.Module):
     tokens = group_norm(name="group_norm", num_groups=self.num_groups, epsilon=NORM_EPS, **kw)(x)
     tokens = tokens.reshape(n, h * w, c)
     q, k, v = (dense(c, name=name, axes=("embed", "heads"), **kw)(tokens) for name in ("to_q", "to_k", "to_v"))
-    out = dot_product_attention(q, k, v, num_heads=1)
+    out = dot_product_attention(q, k, v, num_heads=1, implementation=self.implementation)
     out = dense(c, name="to_out_0", axes=("heads", "embed"), **kw)(out)
     return x + out.reshape(n, h, w, c)
 

@@ -2,6 +2,8 @@
 driving frames), its held-out reconstruction PSNR, its GAN step, and the image stage taking the trained VAE through
 ``model_init``."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -269,12 +271,12 @@ def decoder_run(ae_run, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("rds_decoder")
   config = rds.get_config("runlocal").stages.decoder  # as the chain trains it, from the autoencoder workdir
   config.model_init = str(ae_workdir)
-  config.mesh.ici_data_parallelism = 8
-  config.mesh.ici_fsdp_parallelism = 1
-  config.batch_size = 8  # one clip per device
-  config.eval_every_steps = config.total_steps // 2
+  config.total_steps = config.eval_every_steps = config.checkpoint_every_steps = 20
   config.sample_every_steps = 0
-  return workdir, config, train.train_and_evaluate(config, str(workdir))
+  # One device: the mesh is under test in ae_run; here it would only multiply compile and step time.
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(parallel, "make_mesh", functools.partial(parallel.make_mesh, devices=jax.devices()[:1]))
+    return workdir, config, train.train_and_evaluate(config, str(workdir))
 
 
 def test_decoder_stage_lowers_loss_with_the_encoder_frozen(ae_run, decoder_run):

@@ -74,8 +74,8 @@ def chain(tmp_path_factory):
   calls, frozen = [], {}
   train_stage = train.train_and_evaluate
 
-  def train_and_keep_frozen(config, stage_dir):  # the chain drops a finished stage's params from memory
-    res = train_stage(config, stage_dir)
+  def train_and_keep_frozen(config, stage_dir, *args):  # the chain drops a finished stage's params from memory
+    res = train_stage(config, stage_dir, *args)
     frozen[config.stage] = res.frozen
     return res
 

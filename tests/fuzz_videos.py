@@ -21,6 +21,18 @@ from videoldm_jax.data import video
 BITS = 8
 
 
+def write_silent_audio(path: str) -> None:
+  """A file with 0.1 s of silent audio and no video stream."""
+  with av.open(path, "w") as c:
+    s = c.add_stream("pcm_s16le", rate=8000)
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+    frame.sample_rate = 8000
+    for p in s.encode(frame):
+      c.mux(p)
+    for p in s.encode():
+      c.mux(p)
+
+
 def pattern_frames(n, h=64, w=64):
   """Frame k shows k in binary as BITS black / white vertical bars."""
   out = np.zeros((n, h, w, 3), np.uint8)
@@ -115,14 +127,7 @@ def write_fuzz_videos(folder: str) -> dict:
   open(path("refused_size", "avi"), "wb").write(_patch(raw_data, strf + 4, "<ii", 30000, 30000))
   open(path("rawbig", "avi"), "wb").write(_patch(raw_data, strf + 4, "<ii", 8000, 8000))
 
-  with av.open(path("audio_only", "mkv"), "w") as c:
-    s = c.add_stream("pcm_s16le", rate=8000)
-    frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
-    frame.sample_rate = 8000
-    for p in s.encode(frame):
-      c.mux(p)
-    for p in s.encode():
-      c.mux(p)
+  write_silent_audio(path("audio_only", "mkv"))
 
   # Eight 0xff bytes over the header of a faststart mp4 (moov first) and over the moov of a plain one (moov last).
   faststart = os.path.join(folder, ".fs.mp4")

@@ -15,23 +15,12 @@ import fuzz_videos
 from data_pipelines import common, prepare
 from videoldm_jax.data import records, video
 
-BITS = 8
 tfds.disable_progress_bar()
+read_pattern = fuzz_videos.read_pattern
 
 
 def pattern_frames(n, h=64, w=96):
-  out = np.zeros((n, h, w, 3), np.uint8)
-  for k in range(n):
-    for b in range(BITS):
-      if (k >> b) & 1:
-        out[k, :, b * w // BITS:(b + 1) * w // BITS] = 255
-  return out
-
-
-def read_pattern(frames):
-  w = frames.shape[2]
-  bars = [frames[:, :, b * w // BITS + 1:(b + 1) * w // BITS - 1].mean(axis=(1, 2, 3)) > 127.5 for b in range(BITS)]
-  return sum(bars[b].astype(np.int64) << b for b in range(BITS))
+  return fuzz_videos.pattern_frames(n, h, w)
 
 
 def write_bad_files(d, names=("zero.mp4", "text.mp4", "truncated.mp4", "notes.txt")):

@@ -105,7 +105,7 @@ def benchmark(args):
     x, t, ctx = (v.to(torch_device) for v in (x, t, ctx))
     x, ctx = x.to(torch_dtype), ctx.to(torch_dtype)
 
-    def run_torch():
+    def run_torch(model=model):
       with torch.inference_mode():
         out = model(x, t, ctx).sample
       if torch_device == "cuda":

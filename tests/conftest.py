@@ -10,6 +10,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import sys  # noqa: E402
 
+import pytest  # noqa: E402
+
 # The PyPI torchvision wheel does not match the CPU torch build (its C++ ops fail to register). Nothing here
 # needs it; marking it absent makes diffusers/transformers take their "torchvision not installed" paths.
 sys.modules.setdefault("torchvision", None)
@@ -21,3 +23,19 @@ jax.config.update("jax_default_matmul_precision", "highest")  # parity tests com
 
 def pytest_configure(config):
   assert jax.device_count() == 8, f"expected 8 fake CPU devices, got {jax.devices()}"
+
+
+@pytest.fixture(scope="session")
+def tiny_svd_pipeline():
+  """``reference_models.tiny_svd_pipeline()``: a tiny random diffusers SVD pipeline, shared (do not modify it)."""
+  import reference_models  # pylint: disable=g-import-not-at-top
+  return reference_models.tiny_svd_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_svd_pipeline_dir(tiny_svd_pipeline, tmp_path_factory):
+  """That pipeline written with ``save_pretrained`` (model_index.json, unet/, vae/, image_encoder/, scheduler/,
+  feature_extractor/); read-only: copy it before changing anything."""
+  path = tmp_path_factory.mktemp("tiny_svd") / "pipeline"
+  tiny_svd_pipeline.save_pretrained(path)
+  return path

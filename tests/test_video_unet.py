@@ -30,11 +30,7 @@ sys.modules.setdefault("torchvision", None)  # the installed torchvision does no
 import torch  # noqa: E402
 from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionModel  # noqa: E402
 
-TINY_SVD = dict(in_channels=8, out_channels=4, block_out_channels=(32, 64),
-                down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-                up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), num_attention_heads=(2, 4),
-                cross_attention_dim=32, layers_per_block=1, addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=24)
+from reference_models import TINY_SVD_UNET as TINY_SVD  # noqa: E402
 
 
 def _counts(config):
@@ -72,6 +68,13 @@ def test_paper_parameter_counts(name, base, want_temporal, want_total):
   assert abs(total - want_total) <= 0.005e6
   # The spatial subtree is exactly the image U-Net's tree.
   assert _shapes(_spatial(unet_lib.abstract_params(video))) == _shapes(unet_lib.abstract_params(image))
+
+
+def test_svd_presets_are_the_diffusers_configs():
+  """The training presets (``config.model.unet``) build exactly what the converter builds from diffusers configs."""
+  assert unet_lib.svd() == svd_unet_config()
+  assert unet_lib.tiny_svd() == svd_config_from_diffusers(TINY_SVD)
+  assert unet_lib.svd() != svd_unet_config(max_frame_distance=8)
 
 
 def test_svd_parameter_count_matches_diffusers():

@@ -82,7 +82,7 @@ def base_config() -> ConfigDict:
       vae="sd", vae_overrides={},
       text_encoder="",         # "" (no text) or a CLIPTextConfig preset
       text_overrides={},
-      conditioning="text",     # text | labels | none
+      conditioning="text",     # text | labels | none | image (svd: the first frame)
       tokenizer_pad="<|endoftext|>",  # CLIP tokenizer padding: "<|endoftext|>" (SD 1.x) or "!" (OpenCLIP, SD 2.x)
       label_fields=("day_night", "crowdedness"),  # labels conditioning: fields of batch["labels"] ...
       label_classes=(2, 5),    # ... and their class counts (a null class for CFG is added to each)
@@ -280,7 +280,7 @@ _CHOICES = {
     "dtype": ("float32", "bfloat16"),
     "frozen_dtype": ("float32", "bfloat16"),
     "optimizer.schedule": ("constant", "cosine"),
-    "model.conditioning": ("text", "labels", "none"),
+    "model.conditioning": ("text", "labels", "none", "image"),
     "mesh.rules": ("data_parallel", "fsdp", "fsdp_tensor"),
     "distributed": ("auto", "none", "force"),
 }

@@ -9,10 +9,15 @@ Usage::
   python -m videoldm_jax.convert --source=/ckpt/sd15 --output=/tmp/sd15_torch --to=diffusers
 
 OUT is a directory holding ``config.json`` (model configs, schedule, provenance) and one orbax checkpoint per
-component (``unet/``, ``vae/``, ``text_encoder/``). :func:`load_converted` reads it back with no torch installed.
+component (``unet/``, ``vae/``, ``text_encoder/``, ``image_encoder/``). :func:`load_converted` reads it back with no
+torch installed.
 An x4-upscaler pipeline folder (``StableDiffusionUpscalePipeline``: a ``low_res_scheduler/`` besides the usual
 components) also records the low-res image's noise-augmentation schedule and ``max_noise_level``
 (:func:`pipeline_metadata`; ``Converted.low_res_schedule`` / ``Converted.max_noise_level``).
+A Stable Video Diffusion folder (``StableVideoDiffusionPipeline``: unet/ = ``UNetSpatioTemporalConditionModel``,
+vae/ = ``AutoencoderKLTemporalDecoder``, image_encoder/ = ``CLIPVisionModelWithProjection``) converts the three, and
+records its Euler scheduler config and the image encoder's normalisation (``Converted.scheduler_config`` /
+``Converted.image_encoder_preprocess``).
 
 Every source tensor must be consumed and every Flax param filled with the right shape; otherwise the command
 exits non-zero naming the keys, and nothing is left at OUT (it is written to a temporary sibling, then renamed).
@@ -41,7 +46,11 @@ from videoldm_jax.conversion import io as ckpt_io
 from videoldm_jax.conversion.core import ConversionError, PrefixSource, TensorSource
 
 FORMAT = "videoldm_jax.converted/1"
-COMPONENTS = ("unet", "vae", "text_encoder")
+COMPONENTS = ("unet", "vae", "text_encoder", "image_encoder")
+# What a Stable Diffusion single file must hold; a pipeline folder without model_index.json: SD's, or SVD's when
+# it has an image_encoder/.
+SD_COMPONENTS = ("unet", "vae", "text_encoder")
+SVD_COMPONENTS = ("unet", "vae", "image_encoder")
 
 # Non-weight entries of CompVis single-file checkpoints: the DDPM schedule buffers. They are read to recover
 # the noise schedule (and checked), so they count as consumed.
@@ -98,8 +107,9 @@ def config_from_dict(cls, data: Mapping[str, Any]):
 
 
 def _config_classes():
-  from videoldm_jax.models import clip, unet, vae
-  return {"UNetConfig": unet.UNetConfig, "VAEConfig": vae.VAEConfig, "CLIPTextConfig": clip.CLIPTextConfig}
+  from videoldm_jax.models import clip, clip_vision, unet, vae
+  return {"UNetConfig": unet.UNetConfig, "VAEConfig": vae.VAEConfig, "CLIPTextConfig": clip.CLIPTextConfig,
+          "CLIPVisionConfig": clip_vision.CLIPVisionConfig}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,19 +175,30 @@ def _component_kind(config_json: Mapping) -> Optional[str]:
   cls = config_json.get("_class_name") or (config_json.get("architectures") or [None])[0]
   return {
       "UNet2DConditionModel": "unet",
+      "UNetSpatioTemporalConditionModel": "unet",  # SVD's video U-Net
       "AutoencoderKL": "vae",
       "AutoencoderKLTemporalDecoder": "vae",  # SVD's VAE: a video decoder
       "CLIPTextModel": "text_encoder",
       "CLIPTextModelWithProjection": "text_encoder",
+      "CLIPVisionModelWithProjection": "image_encoder",  # SVD's first-frame encoder
   }.get(cls)
 
 
 def _convert_diffusers_component(kind: str, folder: str, dtype) -> Tuple[Any, Dict]:
   from videoldm_jax.conversion import clip as clip_conv
+  from videoldm_jax.conversion import clip_vision as clip_vision_conv
+  from videoldm_jax.conversion import svd as svd_conv
   from videoldm_jax.conversion import unet as unet_conv
   from videoldm_jax.conversion import vae as vae_conv
-  from videoldm_jax.models import clip, unet, vae
+  from videoldm_jax.models import clip, clip_vision, unet, vae
   cfg_json = _read_json(os.path.join(folder, "config.json"))
+  if kind == "unet" and cfg_json.get("_class_name") == "UNetSpatioTemporalConditionModel":
+    try:
+      config = svd_conv.svd_config_from_diffusers(cfg_json)
+    except ValueError as e:
+      raise ConversionError(f"{folder}/config.json: {e}") from e
+    source = _open(_weight_files(folder, ("diffusion_pytorch_model",)))
+    return config, svd_conv.convert_svd_unet(source, config, dtype=dtype)
   if kind == "unet":
     config = unet.unet_config_from_diffusers(cfg_json)
     source = _open(_weight_files(folder, ("diffusion_pytorch_model",)))
@@ -190,6 +211,13 @@ def _convert_diffusers_component(kind: str, folder: str, dtype) -> Tuple[Any, Di
     config = clip.clip_config_from_transformers(cfg_json)
     source = _open(_weight_files(folder, ("model", "pytorch_model")))
     return config, clip_conv.convert_clip_text(source, config, dtype=dtype)
+  if kind == "image_encoder":
+    try:
+      config = clip_vision.clip_vision_config_from_transformers(cfg_json)
+    except ValueError as e:
+      raise ConversionError(f"{folder}/config.json: {e}") from e
+    source = _open(_weight_files(folder, ("model", "pytorch_model")))
+    return config, clip_vision_conv.convert_clip_vision(source, config, dtype=dtype)
   raise ConversionError(f"{folder}: unsupported component {kind!r}")
 
 
@@ -220,17 +248,42 @@ def pipeline_metadata(src: str) -> Dict[str, Any]:
   num_train_timesteps, trained_betas when set; diffusers' DDPMScheduler defaults fill absent fields) and
   ``max_noise_level`` (``model_index.json``'s, default 350). Raises ``ConversionError`` naming the file for a
   missing or unsupported low-res scheduler and for a ``max_noise_level`` outside its schedule.
+
+  An SVD folder (``StableVideoDiffusionPipeline``, or one with / listing an ``image_encoder``) gives
+  ``scheduler_config`` (``scheduler/scheduler_config.json`` as stored, when it is an ``EulerDiscreteScheduler``: the
+  EDM sampler reads sigma_min / sigma_max / Karras spacing from it) and ``image_encoder_preprocess``
+  (:func:`image_encoder_preprocess`).
   """
-  from videoldm_jax import diffusion
   if not os.path.isdir(src):
     return {}
   index_path = os.path.join(src, "model_index.json")
   index = _read_json(index_path) if os.path.isfile(index_path) else {}
-  entry = index.get("low_res_scheduler")
-  listed = isinstance(entry, list) and bool(entry) and entry[0] is not None
+  meta = _upscaler_metadata(src, index_path, index)
+  if _is_svd_folder(src, index):
+    sched_path = os.path.join(src, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sched_path):
+      cfg = _read_json(sched_path)
+      if cfg.get("_class_name") == "EulerDiscreteScheduler":
+        meta["scheduler_config"] = cfg
+    meta["image_encoder_preprocess"] = image_encoder_preprocess(src)
+  return meta
+
+
+def _listed(index: Mapping, name: str) -> bool:
+  entry = index.get(name)
+  return isinstance(entry, list) and bool(entry) and entry[0] is not None
+
+
+def _is_svd_folder(src: str, index: Mapping) -> bool:
+  return (index.get("_class_name") == "StableVideoDiffusionPipeline" or _listed(index, "image_encoder")
+          or os.path.isdir(os.path.join(src, "image_encoder")))
+
+
+def _upscaler_metadata(src: str, index_path: str, index: Mapping) -> Dict[str, Any]:
+  from videoldm_jax import diffusion
   sched_path = os.path.join(src, "low_res_scheduler", "scheduler_config.json")
   if not os.path.isfile(sched_path):
-    if listed or os.path.isdir(os.path.join(src, "low_res_scheduler")):
+    if _listed(index, "low_res_scheduler") or os.path.isdir(os.path.join(src, "low_res_scheduler")):
       raise ConversionError(f"{sched_path}: missing (an x4-upscaler pipeline needs its low-res noise schedule)")
     return {}
   cfg = _read_json(sched_path)
@@ -253,6 +306,50 @@ def pipeline_metadata(src: str) -> Dict[str, Any]:
     raise ConversionError(f"{index_path}: max_noise_level={level!r} must be an integer in [0, {top}] "
                           f"(the low-res schedule's timesteps)")
   return {"low_res_schedule": low_res, "max_noise_level": level}
+
+
+# CLIPImageProcessor's defaults (OpenAI CLIP's normalisation, 224 px), for a folder without feature_extractor/.
+DEFAULT_IMAGE_ENCODER_PREPROCESS = {"image_mean": [0.48145466, 0.4578275, 0.40821073],
+                                    "image_std": [0.26862954, 0.26130258, 0.27577711], "size": [224, 224]}
+
+
+def _hw(value) -> Optional[List[int]]:
+  """``[h, w]`` of a transformers size entry: an int, ``{"height", "width"}`` or ``{"shortest_edge"}``."""
+  if isinstance(value, int) and not isinstance(value, bool):
+    return [value, value]
+  if isinstance(value, Mapping):
+    if "height" in value and "width" in value:
+      return [int(value["height"]), int(value["width"])]
+    if "shortest_edge" in value:
+      return [int(value["shortest_edge"])] * 2
+  return None
+
+
+def image_encoder_preprocess(src: str) -> Dict[str, List]:
+  """``{"image_mean": [3], "image_std": [3], "size": [h, w]}`` of an SVD folder's
+  ``feature_extractor/preprocessor_config.json`` (size: its ``crop_size``, else ``size``); CLIP's defaults for what
+  it does not say or when the folder has none. SVD itself resizes to 224x224 whatever the processor says
+  (``models/clip_vision.svd_image_encoder_input``)."""
+  path = os.path.join(src, "feature_extractor", "preprocessor_config.json")
+  out = {k: list(v) for k, v in DEFAULT_IMAGE_ENCODER_PREPROCESS.items()}
+  if not os.path.isfile(path):
+    return out
+  cfg = _read_json(path)
+  for key in ("image_mean", "image_std"):
+    value = cfg.get(key)
+    if value is None:
+      continue
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      value = [value] * 3
+    if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+      raise ConversionError(f"{path}: {key}={value!r} must be 3 numbers (RGB)")
+    out[key] = [float(v) for v in value]
+  if min(out["image_std"]) <= 0:
+    raise ConversionError(f"{path}: image_std={out['image_std']} must be positive")
+  size = _hw(cfg.get("crop_size")) or _hw(cfg.get("size"))
+  if size is not None:
+    out["size"] = size
+  return out
 
 
 def _schedule_from_compvis(source: TensorSource, prediction_type: str) -> Dict[str, Any]:
@@ -368,12 +465,13 @@ def _incomplete_single_file(path: str, error: Exception) -> str:
 
 
 def _listed_components(src: str) -> Tuple[str, ...]:
-  """The components a pipeline folder should hold: those its ``model_index.json`` lists (all when it has none)."""
+  """The components a pipeline folder should hold: those its ``model_index.json`` lists; without one, SD's three
+  (SVD's when it has an ``image_encoder/``)."""
   path = os.path.join(src, "model_index.json")
   if not os.path.isfile(path):
-    return COMPONENTS
+    return SVD_COMPONENTS if os.path.isdir(os.path.join(src, "image_encoder")) else SD_COMPONENTS
   index = _read_json(path)
-  return tuple(c for c in COMPONENTS if isinstance(index.get(c), list) and index[c] and index[c][0] is not None)
+  return tuple(c for c in COMPONENTS if _listed(index, c))
 
 
 def _refuse_partial(src: str, have, expected, wanted, what: str) -> None:
@@ -396,9 +494,9 @@ def convert_source(src: str, dtype=np.float32, prediction_type: Optional[str] = 
                    components: Optional[Sequence[str]] = None):
   """Any supported source -> ({component: config}, {component: params}, schedule dict).
 
-  A pipeline folder must hold every component its ``model_index.json`` lists (all of unet, vae, text_encoder
-  without one) and a single file all three; ``components`` converts just those (which must be there), the only
-  way to convert a partial source.
+  A pipeline folder must hold every component its ``model_index.json`` lists (without one: unet, vae and
+  text_encoder, or image_encoder instead of text_encoder when it has one) and a single file unet, vae and
+  text_encoder; ``components`` converts just those (which must be there), the only way to convert a partial source.
   """
   wanted = tuple(components or ())
   unknown = [c for c in wanted if c not in COMPONENTS]
@@ -411,7 +509,7 @@ def convert_source(src: str, dtype=np.float32, prediction_type: Optional[str] = 
       raise
     except (ValueError, KeyError, IndexError) as e:  # the layout inference of a file with blocks missing
       raise ConversionError(_incomplete_single_file(src, e)) from e
-    _refuse_partial(src, set(configs), COMPONENTS, wanted, "a Stable Diffusion single file holds")
+    _refuse_partial(src, set(configs), SD_COMPONENTS, wanted, "a Stable Diffusion single file holds")
     keep = wanted or tuple(configs)
     return {c: configs[c] for c in keep}, {c: params[c] for c in keep}, schedule
   if not os.path.isdir(src):
@@ -420,24 +518,25 @@ def convert_source(src: str, dtype=np.float32, prediction_type: Optional[str] = 
   if os.path.isfile(os.path.join(src, "config.json")):  # one diffusers/transformers model folder
     kind = _component_kind(_read_json(os.path.join(src, "config.json")))
     if kind is None:
-      raise ConversionError(f"{src}/config.json: unsupported model class "
-                            f"(expected UNet2DConditionModel, AutoencoderKL or CLIPTextModel)")
+      raise ConversionError(f"{src}/config.json: unsupported model class (expected UNet2DConditionModel, "
+                            f"UNetSpatioTemporalConditionModel, AutoencoderKL[TemporalDecoder], "
+                            f"CLIPTextModel[WithProjection] or CLIPVisionModelWithProjection)")
     _refuse_partial(src, {kind}, (kind,), wanted, "")
     configs[kind], params[kind] = _convert_diffusers_component(kind, src, dtype)
   else:  # pipeline folder
     found = [c for c in COMPONENTS if os.path.isdir(os.path.join(src, c))]
     if not found:
-      raise ConversionError(f"{src}: not a diffusers pipeline folder (no unet/, vae/ or text_encoder/) "
+      raise ConversionError(f"{src}: not a diffusers pipeline folder (no {'/, '.join(COMPONENTS)}/) "
                             f"and no config.json")
     listed = os.path.isfile(os.path.join(src, "model_index.json"))
     _refuse_partial(src, set(found), _listed_components(src), wanted,
                     "its model_index.json lists" if listed else "a pipeline folder holds")
     for name in [c for c in found if not wanted or c in wanted]:
       folder = os.path.join(src, name)
-      kind = _component_kind(_read_json(os.path.join(folder, "config.json")))
-      if kind != name:
-        raise ConversionError(f"{folder}/config.json: expected a {name} model, found "
-                              f"{_read_json(os.path.join(folder, 'config.json')).get('_class_name')}")
+      cfg_json = _read_json(os.path.join(folder, "config.json"))
+      if _component_kind(cfg_json) != name:
+        found_cls = cfg_json.get("_class_name") or (cfg_json.get("architectures") or [None])[0]
+        raise ConversionError(f"{folder}/config.json: expected a {name} model, found {found_cls}")
       configs[name], params[name] = _convert_diffusers_component(name, folder, dtype)
     sched_path = os.path.join(src, "scheduler", "scheduler_config.json")
     if os.path.isfile(sched_path):
@@ -505,6 +604,16 @@ class Converted:
     """x4 upscaler: the highest low-res noise level the pipeline accepts; None for other checkpoints."""
     return self.meta.get("max_noise_level")
 
+  @property
+  def scheduler_config(self) -> Optional[Dict[str, Any]]:
+    """SVD: the pipeline's ``EulerDiscreteScheduler`` config as stored (diffusers field names); None otherwise."""
+    return self.meta.get("scheduler_config")
+
+  @property
+  def image_encoder_preprocess(self) -> Optional[Dict[str, Any]]:
+    """SVD: ``{"image_mean", "image_std", "size"}`` of the image encoder's input; None for other checkpoints."""
+    return self.meta.get("image_encoder_preprocess")
+
 
 def load_converted_configs(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """Reads only ``config.json``: ({component: config dataclass}, meta)."""
@@ -549,13 +658,18 @@ def load_converted(path: str, components: Optional[Tuple[str, ...]] = None,
 def export_diffusers(converted_path: str, output: str, overwrite: bool = False) -> List[str]:
   """Flax converted checkpoint -> diffusers/transformers-layout safetensors, one folder per component."""
   from videoldm_jax.conversion import clip as clip_conv
+  from videoldm_jax.conversion import clip_vision as clip_vision_conv
+  from videoldm_jax.conversion import svd as svd_conv
   from videoldm_jax.conversion import unet as unet_conv
   from videoldm_jax.conversion import vae as vae_conv
   conv = load_converted(converted_path)
+  video_unet = getattr(conv.configs.get("unet"), "temporal", None) is not None
   exporters: Dict[str, Tuple[Callable, str]] = {
-      "unet": (unet_conv.unet_to_diffusers, "diffusion_pytorch_model.safetensors"),
+      "unet": (svd_conv.svd_unet_to_diffusers if video_unet else unet_conv.unet_to_diffusers,
+               "diffusion_pytorch_model.safetensors"),
       "vae": (vae_conv.vae_to_diffusers, "diffusion_pytorch_model.safetensors"),
       "text_encoder": (clip_conv.clip_to_transformers, "model.safetensors"),
+      "image_encoder": (clip_vision_conv.clip_vision_to_transformers, "model.safetensors"),
   }
   output = os.path.abspath(output)
   if os.path.exists(output) and not overwrite:
@@ -603,8 +717,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_enum("prediction_type", None, ["epsilon", "v_prediction"],
                     "overrides the scheduler config; single files cannot tell (SD 2.x 768-v is v)", flag_values=fv)
   flags.DEFINE_bool("drop_ema", False, "discard model_ema.* weights of CompVis files", flag_values=fv)
-  flags.DEFINE_list("components", None, "convert only these of unet,vae,text_encoder (default: all; a source "
-                    "lacking one that it should hold is refused)", flag_values=fv)
+  flags.DEFINE_list("components", None, "convert only these of unet,vae,text_encoder,image_encoder (default: all "
+                    "the source holds; a source lacking one that it should hold is refused)", flag_values=fv)
   flags.DEFINE_enum("to", "flax", ["flax", "diffusers"],
                     "'diffusers': export a converted Flax checkpoint back to PyTorch-layout safetensors",
                     flag_values=fv)

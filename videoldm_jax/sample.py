@@ -21,6 +21,13 @@ chain workdir with these stages samples this way by default (``--workdir``; ``--
   python -m videoldm_jax.sample --pipeline=/tmp/videoldm_rds --seconds=30 --num_samples=2
   python -m videoldm_jax.sample --pipeline=/tmp/rds_base,/tmp/rds_pred,/tmp/rds_interp --num_windows=6
 
+Image-to-video with Stable Video Diffusion (``--svd``: an ``svd`` training workdir or a converted SVD pipeline;
+``videoldm_jax/image_to_video.py``): the image is resized to the model's frame size (same aspect ratio), ``--guidance``
+is the last frame's guidance scale (rising from ``--min_guidance`` on the first)::
+
+  python -m videoldm_jax.sample --svd=/ckpt/svd_xt --image=frame.png --num_frames=25 --steps=30 \
+      --fps=7 --motion_bucket_id=127 --cond_aug=0.02 --output=/tmp/clip
+
 Text-to-image with a converted Stable Diffusion (DDIM + classifier-free guidance)::
 
   python -m videoldm_jax.sample --checkpoint=/ckpt/sd15 --prompt="a red car on a mountain road" \
@@ -43,14 +50,28 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("checkpoint", None, "Output directory of videoldm_jax.convert: text-to-image.", flag_values=fv)
   flags.DEFINE_string("pipeline", None, "Long video: a chain workdir, or a comma list of pipeline stage workdirs "
                       "(key frames -> rollout -> interpolate x4 -> x4 -> decode).", flag_values=fv)
+  flags.DEFINE_string("svd", None, "Image-to-video: an svd workdir or a converted SVD pipeline (with --image).",
+                      flag_values=fv)
+  flags.DEFINE_string("image", None, "SVD mode: the conditioning image (PNG/JPEG).", flag_values=fv)
+  flags.DEFINE_float("min_guidance", None, "SVD mode: guidance scale of the first frame (default: the config's).",
+                     flag_values=fv)
+  flags.DEFINE_float("fps", None, "SVD mode: frame rate, conditioned on (fps - 1) and written.", flag_values=fv)
+  flags.DEFINE_integer("motion_bucket_id", None, "SVD mode: motion condition, 0..255 (default 127).",
+                       flag_values=fv)
+  flags.DEFINE_float("cond_aug", None, "SVD mode: noise added to the image before encoding (default 0.02).",
+                     flag_values=fv)
+  flags.DEFINE_integer("decode_chunk_size", None, "SVD mode: frames decoded per temporal-decoder call (0: all).",
+                       flag_values=fv)
   flags.DEFINE_string("decoder", None, "Pipeline / chain workdir mode: a decoder-stage workdir whose video decoder "
                       "decodes the final latents (replacing the chain's own or the image decoder).", flag_values=fv)
   flags.DEFINE_string("upsampler", None, "Pipeline / chain workdir mode: an upsampler-stage workdir, the last step "
                       "(4x the decoded video).", flag_values=fv)
   flags.DEFINE_string("stage", None, "Workdir mode: which stage of a chain (default: the last).", flag_values=fv)
-  flags.DEFINE_integer("num_samples", 4, "Workdir / pipeline mode: number of videos.", flag_values=fv)
+  flags.DEFINE_integer("num_samples", 4, "Workdir / pipeline mode: number of videos (SVD mode: default 1).",
+                       flag_values=fv)
   flags.DEFINE_integer("batch_size", 1, "Workdir mode: videos per sampler call.", flag_values=fv)
-  flags.DEFINE_integer("num_frames", 0, "Workdir mode: clip length (0: as trained).", flag_values=fv)
+  flags.DEFINE_integer("num_frames", 0, "Workdir / SVD mode: clip length (0: as trained; SVD checkpoint: 14).",
+                       flag_values=fv)
   flags.DEFINE_string("labels", "", "Workdir / pipeline mode: e.g. day_night=1,crowdedness=3 (RDS labels).",
                       flag_values=fv)
   flags.DEFINE_integer("upscale", 0, "Pixel repeat factor of the written videos (0: to >= 128 px).", flag_values=fv)
@@ -92,11 +113,25 @@ def _print_paths(out) -> None:
 
 def run(fv: flags.FlagValues) -> int:
   """Runs the command with parsed flags; bad input raises ``app.UsageError`` naming the flag."""
-  modes = [m for m in ("workdir", "checkpoint", "pipeline") if fv[m].value]
+  modes = [m for m in ("workdir", "checkpoint", "pipeline", "svd") if fv[m].value]
   if len(modes) != 1:
-    raise app.UsageError(f"give exactly one of --workdir, --checkpoint, --pipeline (got {modes or 'none'})")
+    raise app.UsageError(f"give exactly one of --workdir, --checkpoint, --pipeline, --svd (got {modes or 'none'})")
+  if bool(fv.image) != bool(fv.svd):
+    raise app.UsageError("--image goes with --svd (image-to-video), and --svd needs --image")
   prompts = list(fv.prompt or [])
   try:
+    if fv.svd:
+      from videoldm_jax import image_to_video  # pylint: disable=g-import-not-at-top
+      out = image_to_video.sample_svd(
+          fv.svd, fv.image, num_frames=fv.num_frames, height=fv.height if fv["height"].present else None,
+          width=fv.width if fv["width"].present else None, steps=fv.steps, min_guidance=fv.min_guidance,
+          max_guidance=fv.guidance, fps=fv.fps, motion_bucket_id=fv.motion_bucket_id, cond_aug=fv.cond_aug,
+          decode_chunk_size=fv.decode_chunk_size, num_samples=fv.num_samples if fv["num_samples"].present else 1,
+          seed=fv.seed, output=fv.output,
+          upscale=fv.upscale)
+      print(f"{out['videos'].shape[0]} clips of {out['videos'].shape[1]} frames at {out['fps']:g} fps")
+      _print_paths(out)
+      return 0
     if fv.pipeline:
       out = sampling.sample_pipeline(
           fv.pipeline, num_samples=fv.num_samples, seconds=fv.seconds, num_windows=fv.num_windows,

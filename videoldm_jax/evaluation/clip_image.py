@@ -6,16 +6,8 @@ the mean over videos. :func:`clipsim` returns the per-video values **unscaled an
 [-1, 1]; Video LDM reports e.g. 0.2929 on MSR-VTT). torchmetrics' ``CLIPScore`` is ``100 * max(cos, 0)``: multiply
 by 100 yourself to compare with such numbers.
 
-Vision tower (``CLIPVisionEncoder``), param paths mirroring ``transformers.CLIPVisionModel`` without the
-``vision_model.`` prefix; the transformer blocks are ``models/clip.py``'s (``CLIPEncoder``, unmasked here):
-
-```
-embeddings/patch_embedding/kernel [p, p, 3, d]   <-> vision_model.embeddings.patch_embedding.weight (conv, no bias)
-embeddings/class_embedding [d]                   <-> vision_model.embeddings.class_embedding
-embeddings/position_embedding/embedding [n+1, d] <-> vision_model.embeddings.position_embedding.weight
-pre_layrnorm, encoder/layers_i/..., post_layernorm  <-> vision_model.pre_layrnorm (sic), ...
-visual_projection/kernel [d, proj]               <-> visual_projection.weight (no bias)
-```
+Vision tower: ``models/clip_vision.py``'s ``CLIPVisionEncoder`` (param paths = ``transformers`` names without
+the ``vision_model.`` prefix; re-exported here with its config and ``image_embeds_batch``).
 
 Text tower: ``models/clip.py``'s ``CLIPTextEncoder`` with ``projection_dim`` set (its ``text_projection`` exists
 for OpenCLIP / SD 2.x already; the SD converters' param trees are unchanged), pooled at the EOS token.
@@ -41,66 +33,33 @@ import glob
 import json
 import os
 import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from videoldm_jax.conversion.clip import (abstract_clip_params, clip_config_from_compvis, openclip_block_names,
                                           openclip_text_source)
+from videoldm_jax.conversion.clip_vision import VISION_PREFIX, VISUAL_PROJECTION, clip_vision_torch_key
 from videoldm_jax.conversion.core import (ConversionError, DictSource, FilteredSource, RenamedSource, TensorSource,
                                           convert_strict, default_torch_key)
 from videoldm_jax.conversion.io import open_checkpoint
 from videoldm_jax.evaluation import batching
+from videoldm_jax.models import clip_vision
 from videoldm_jax.models import tokenizer as clip_tokenizer
-from videoldm_jax.models.clip import ACTIVATIONS, CLIPEncoder, CLIPTextConfig, CLIPTextEncoder
-from videoldm_jax.models.layers import conv, dense, layer_norm
+from videoldm_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
+from videoldm_jax.models.clip_vision import (CLIP_MEAN, CLIP_STD, CLIPVisionConfig, CLIPVisionEmbeddings,  # noqa: F401
+                                             CLIPVisionEncoder, clip_vision_config_from_transformers,
+                                             image_embeds_batch)
 
-Dtype = Any
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Keys dropped on purpose (see module doc); everything else must map onto the model.
 DROPPED_KEYS = ("logit_scale", "input_resolution", "context_length", "vocab_size")
 POSITION_IDS_SUFFIX = "embeddings.position_ids"
-VISION_PREFIX, TEXT_PREFIX = "vision_model.", "text_model."
-VISUAL_PROJECTION, TEXT_PROJECTION = "visual_projection.weight", "text_projection.weight"
+TEXT_PREFIX, TEXT_PROJECTION = "text_model.", "text_projection.weight"
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Configs.
-
-@dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
-  """Hyper-parameters of a CLIP ViT image tower (field names follow ``transformers.CLIPVisionConfig``)."""
-  image_size: int = 224
-  patch_size: int = 32
-  hidden_size: int = 768
-  intermediate_size: int = 3072
-  num_hidden_layers: int = 12
-  num_attention_heads: int = 12
-  hidden_act: str = "quick_gelu"
-  layer_norm_eps: float = 1e-5
-  projection_dim: int = 512
-
-  def __post_init__(self):
-    if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-
-  @property
-  def num_positions(self) -> int:
-    return (self.image_size // self.patch_size) ** 2 + 1
-
-  def transformer_config(self) -> CLIPTextConfig:
-    """The shared blocks (``models/clip.py``) read only width, depth, heads, activation and eps from their config."""
-    return CLIPTextConfig(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                          num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-                          hidden_act=self.hidden_act, layer_norm_eps=self.layer_norm_eps)
-
 
 @dataclasses.dataclass(frozen=True)
 class CLIPModelConfig:
@@ -142,15 +101,8 @@ def config_from_transformers(config) -> CLIPModelConfig:
   d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   v, t = dict(d.get("vision_config") or {}), dict(d.get("text_config") or {})
   proj = int(d.get("projection_dim", 512))
-  vdef, tdef = CLIPVisionConfig(), CLIPTextConfig()
-  vision = CLIPVisionConfig(
-      image_size=int(v.get("image_size", vdef.image_size)), patch_size=int(v.get("patch_size", vdef.patch_size)),
-      hidden_size=int(v.get("hidden_size", vdef.hidden_size)),
-      intermediate_size=int(v.get("intermediate_size", vdef.intermediate_size)),
-      num_hidden_layers=int(v.get("num_hidden_layers", vdef.num_hidden_layers)),
-      num_attention_heads=int(v.get("num_attention_heads", vdef.num_attention_heads)),
-      hidden_act=str(v.get("hidden_act", vdef.hidden_act)),
-      layer_norm_eps=float(v.get("layer_norm_eps", vdef.layer_norm_eps)), projection_dim=proj)
+  tdef = CLIPTextConfig()
+  vision = clip_vision_config_from_transformers(v, projection_dim=proj)
   text = CLIPTextConfig(
       vocab_size=int(t.get("vocab_size", tdef.vocab_size)),
       max_position_embeddings=int(t.get("max_position_embeddings", tdef.max_position_embeddings)),
@@ -161,66 +113,9 @@ def config_from_transformers(config) -> CLIPModelConfig:
   return CLIPModelConfig(vision=vision, text=text)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Vision tower.
-
-class CLIPVisionEmbeddings(nn.Module):
-  """Patchify (conv, stride = patch) + class token + learned positions. ``[b, s, s, 3] -> [b, 1 + (s/p)^2, d]``."""
-  config: CLIPVisionConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, pixel_values: jax.Array) -> jax.Array:
-    cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    p = cfg.patch_size
-    patches = conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                   name="patch_embedding", **kw)(pixel_values)  # [b, s/p, s/p, d]
-    patches = patches.reshape(patches.shape[0], -1, cfg.hidden_size)
-    cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
-                     (cfg.hidden_size,), self.param_dtype)
-    cls = jnp.broadcast_to(cls.astype(patches.dtype), (patches.shape[0], 1, cfg.hidden_size))
-    x = jnp.concatenate([cls, patches], axis=1)
-    positions = nn.Embed(cfg.num_positions, cfg.hidden_size, name="position_embedding", **kw,
-                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")))
-    if x.shape[1] != cfg.num_positions:
-      raise ValueError(f"{x.shape[1]} tokens for {cfg.num_positions} positions: images must be "
-                       f"{cfg.image_size}x{cfg.image_size}, got {pixel_values.shape[1:3]}")
-    return x + positions(jnp.arange(cfg.num_positions))[None]
-
-
-class CLIPVisionEncoder(nn.Module):
-  """CLIP ViT image tower.
-
-  ``__call__(pixel_values [b, s, s, 3])`` (CLIP-normalised, see :func:`preprocess_images`) returns
-  ``last_hidden_state`` ``[b, n, d]``, ``pooled`` ``[b, d]`` (``post_layernorm`` of the class token, transformers'
-  ``pooler_output``) and ``image_embeds`` ``[b, projection_dim]`` (unnormalised, = OpenCLIP ``encode_image``).
-  """
-  config: CLIPVisionConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_implementation: Optional[str] = None
-
-  @nn.compact
-  def __call__(self, pixel_values: jax.Array) -> Dict[str, jax.Array]:
-    cfg = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = CLIPVisionEmbeddings(cfg, name="embeddings", **kw)(pixel_values)
-    x = layer_norm(name="pre_layrnorm", epsilon=cfg.layer_norm_eps, **kw)(x)
-    x = CLIPEncoder(cfg.transformer_config(), attention_implementation=self.attention_implementation,
-                    name="encoder", **kw)(x, None)[-1]
-    pooled = layer_norm(name="post_layernorm", epsilon=cfg.layer_norm_eps, **kw)(x[:, 0])
-    embeds = dense(cfg.projection_dim, use_bias=False, axes=("embed", "mlp"), name="visual_projection", **kw)(pooled)
-    return {"last_hidden_state": x, "pooled": pooled, "image_embeds": embeds}
-
-
 def abstract_params(config: CLIPModelConfig) -> Dict:
   """``{"vision": ..., "text": ...}`` param shapes (boxes removed) of both towers, without allocating them."""
-  s = config.vision.image_size
-  pixels = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-  vision = nn.unbox(jax.eval_shape(CLIPVisionEncoder(config.vision).init, jax.random.key(0), pixels)["params"])
-  return {"vision": vision, "text": abstract_clip_params(config.text)}
+  return {"vision": clip_vision.abstract_params(config.vision), "text": abstract_clip_params(config.text)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -267,7 +162,7 @@ def transformers_key(path: Tuple[str, ...]) -> str:
   """Flax path in ``{"vision": ..., "text": ...}`` -> ``transformers.CLIPModel`` state-dict key."""
   tower, *rest = path
   if tower == "vision":
-    return VISUAL_PROJECTION if rest[0] == "visual_projection" else VISION_PREFIX + default_torch_key(tuple(rest))
+    return clip_vision_torch_key(tuple(rest))
   return TEXT_PROJECTION if rest[0] == "text_projection" else TEXT_PREFIX + default_torch_key(tuple(rest))
 
 
@@ -459,12 +354,6 @@ def preprocess_images(frames_uint8, image_size: int = 224) -> np.ndarray:
     img = Image.fromarray(frames[i]).resize((new_w, new_h), Image.BICUBIC)  # PIL returns a copy at equal size
     out[i] = np.asarray(img, np.float32)[top:top + image_size, left:left + image_size]
   return (out / 255.0 - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def image_embeds_batch(params: Mapping, pixel_values: jax.Array, config: CLIPVisionConfig) -> jax.Array:
-  """Jittable core: preprocessed ``[n, s, s, 3]`` -> unnormalised ``image_embeds`` ``[n, projection_dim]``."""
-  return CLIPVisionEncoder(config).apply({"params": params}, pixel_values)["image_embeds"]
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -204,6 +204,25 @@ def tiny_x4_upscaler(**overrides) -> UNetConfig:
   return UNetConfig(**{**base, **overrides})
 
 
+def svd(**overrides) -> UNetConfig:
+  """Stable Video Diffusion (SVD / SVD-XT) video U-Net: SD 2.x-shaped, 8 input channels (noisy latents + the first
+  frame's latents), CLIP image-embedding context 1024, three added time ids (fps - 1, motion bucket, cond_aug) of
+  256 sinusoidal features each, SVD's temporal layers (``TemporalConfig`` defaults). 1,524,623,082 params."""
+  base = dict(in_channels=8, num_attention_heads=(5, 10, 20, 20), cross_attention_dim=1024,
+              use_linear_projection=True, addition_embed_dim=768, addition_time_embed_dim=256,
+              temporal=temporal_lib.TemporalConfig())
+  return UNetConfig(**{**base, **overrides})
+
+
+def tiny_svd(**overrides) -> UNetConfig:
+  """SVD-shaped test model: two levels, 8 input channels, context 32, three added time ids of 8 features."""
+  base = dict(in_channels=8, block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, num_attention_heads=(2, 4),
+              cross_attention_dim=32, use_linear_projection=True, norm_num_groups=32, addition_embed_dim=24,
+              addition_time_embed_dim=8, temporal=temporal_lib.TemporalConfig())
+  return UNetConfig(**{**base, **overrides})
+
+
 # diffusers ``UNet2DConditionModel`` config entries that do not change the network we build.
 _DIFFUSERS_IGNORED = frozenset({
     "_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "sample_size",

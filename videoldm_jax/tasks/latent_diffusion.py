@@ -225,6 +225,9 @@ class LatentDiffusionTask(Task):
         raise ValueError(f"config.model.temporal is None but stage {config.stage!r} needs temporal layers")
       if int(config.data.num_frames) < 2:
         raise ValueError(f"config.data.num_frames={config.data.num_frames}: stage {config.stage!r} trains on clips")
+    if config.model.conditioning == "image":
+      raise ValueError(f"config.model.conditioning='image' is the svd stage's; stage {config.stage!r} conditions on "
+                       "text, labels or none")
     if config.model.conditioning == "labels":
       if len(config.model.label_fields) != len(config.model.label_classes):
         raise ValueError(f"config.model.label_fields {tuple(config.model.label_fields)} and "

@@ -80,6 +80,7 @@ class SVDTask(LatentDiffusionTask):
   """Stable Video Diffusion image-to-video fine-tuning (see the module docstring)."""
 
   image_stages = ()
+  free_form = ("svd.image_encoder_overrides",)  # CLIPVisionConfig fields, checked by image_encoder_config
 
   @classmethod
   def config_defaults(cls, stage: str):
@@ -194,9 +195,9 @@ class SVDTask(LatentDiffusionTask):
 
   # ----- data ---------------------------------------------------------------------------------------------------
   def abstract_batch(self, batch_size: int, inputs: Optional[str] = None) -> Dict[str, Any]:
-    """``video`` ``[b, t, h, w, 3]`` in [-1, 1] (the first frame is the condition)."""
-    if inputs not in (None, "pixels"):
-      raise ValueError(f"inputs={inputs!r}: the svd stage reads pixels")
+    """``video`` ``[b, t, h, w, 3]`` in [-1, 1] (the first frame is the condition): this stage trains on pixels
+    whatever ``inputs`` prefers (its CLIP and VAE conditioning need the first frame)."""
+    del inputs
     b, t = int(batch_size), int(self.config.data.num_frames)
     return {"video": sds((b, t, int(self.config.data.height), int(self.config.data.width), 3), jnp.float32)}
 

@@ -164,3 +164,20 @@ def test_blockwise_compiles_to_less_temporary_memory():
   for grad in (False, True):
     blockwise, xla = temp_bytes("blockwise", grad), temp_bytes(None, grad)
     assert blockwise < 4096 * 4096 * 4 / 2 and blockwise < xla / 4, (grad, blockwise, xla)
+
+
+def test_default_runs_huge_attention_blockwise():
+  """implementation=None switches to blockwise at ``AUTO_BLOCKWISE_SCORES`` logits (8192 tokens of self-attention:
+  a pixel upsampler's bottleneck at 128x256, SVD's first level): compile only, forward pass."""
+  n = 8192
+
+  def temp_bytes(impl, tokens):
+    y = jax.ShapeDtypeStruct((1, tokens, 64), jnp.float32)
+    attend = lambda q, k, v: layers.dot_product_attention(q, k, v, num_heads=1, implementation=impl)
+    return jax.jit(attend).lower(y, y, y).compile().memory_analysis().temp_size_in_bytes
+
+  assert n * n >= layers.AUTO_BLOCKWISE_SCORES
+  auto, xla = temp_bytes(None, n), temp_bytes("xla", n)
+  assert xla >= n * n * 4 and auto < xla / 16, (auto, xla)
+  # Below the threshold the default is XLA's attention, unchanged.
+  assert temp_bytes(None, 4096) == temp_bytes("xla", 4096)

@@ -10,6 +10,11 @@ the stage's params (EMA when saved, frozen parts from where the run took them), 
 writes ``OUTPUT.mp4`` and ``OUTPUT.gif`` (the videos tiled in a grid) and ``OUTPUT.png`` (contact sheet: one row per
 video, one column per frame); ``--output`` defaults to ``WORKDIR/sample``.
 
+Key-frame clips longer than the base stage trained on, "convolutionally in time" (paper App. B): temporal
+attention over sliding windows of ``--temporal_window`` frames, positions relative to each window::
+
+  python -m videoldm_jax.sample --workdir=/tmp/videoldm_rds --stage=base --num_frames=16 --temporal_window=8
+
 Long videos with the whole pipeline (``--pipeline``: a chain's workdir, or a comma list of stage workdirs whose
 stages are read from their config.json): key frames from ``base``, rolled out by ``predictor`` windows conditioned
 on the last two generated frames (``--num_windows`` windows, or enough for ``--seconds`` of final video),
@@ -72,6 +77,10 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("batch_size", 1, "Workdir mode: videos per sampler call.", flag_values=fv)
   flags.DEFINE_integer("num_frames", 0, "Workdir / SVD mode: clip length (0: as trained; SVD checkpoint: 14).",
                        flag_values=fv)
+  flags.DEFINE_integer("temporal_window", None, "Workdir mode, stage base: clips longer than trained, convolutional "
+                       "in time: temporal attention over windows of this many frames (2..trained length) with "
+                       "window-relative positions (0: off; default: the config's sampling.temporal_window).",
+                       flag_values=fv)
   flags.DEFINE_string("labels", "", "Workdir / pipeline mode: e.g. day_night=1,crowdedness=3 (RDS labels).",
                       flag_values=fv)
   flags.DEFINE_integer("upscale", 0, "Pixel repeat factor of the written videos (0: to >= 128 px).", flag_values=fv)
@@ -118,6 +127,8 @@ def run(fv: flags.FlagValues) -> int:
     raise app.UsageError(f"give exactly one of --workdir, --checkpoint, --pipeline, --svd (got {modes or 'none'})")
   if bool(fv.image) != bool(fv.svd):
     raise app.UsageError("--image goes with --svd (image-to-video), and --svd needs --image")
+  if fv.temporal_window is not None and not fv.workdir:
+    raise app.UsageError("--temporal_window goes with --workdir (the key-frame stage's clips)")
   prompts = list(fv.prompt or [])
   try:
     if fv.svd:
@@ -148,7 +159,7 @@ def run(fv: flags.FlagValues) -> int:
           fv.workdir, stage=fv.stage, num_samples=fv.num_samples, batch_size=fv.batch_size, guidance=fv.guidance,
           steps=fv.steps, seed=fv.seed, labels=parse_labels(fv.labels), prompt=prompts[0] if prompts else None,
           num_frames=fv.num_frames, output=fv.output, upscale=fv.upscale, decoder=fv.decoder,
-          upsampler=fv.upsampler)
+          upsampler=fv.upsampler, temporal_window=fv.temporal_window)
       _print_paths(out)
       return 0
   except (ValueError, FileNotFoundError) as e:

@@ -80,8 +80,8 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
                    guidance: Optional[float] = None, steps: Optional[int] = None, seed: int = 0,
                    labels: Optional[Dict[str, int]] = None, prompt: Optional[str] = None,
                    num_frames: Optional[int] = None, output: Optional[str] = None, upscale: int = 0,
-                   progress: bool = True, decoder: Optional[str] = None,
-                   upsampler: Optional[str] = None) -> Dict[str, Any]:
+                   progress: bool = True, decoder: Optional[str] = None, upsampler: Optional[str] = None,
+                   temporal_window: Optional[int] = None) -> Dict[str, Any]:
   """Samples ``num_samples`` videos of a trained stage and writes OUTPUT.{mp4,gif,png} (default WORKDIR/sample).
 
   A chain workdir with more than one pipeline stage samples long videos (``sample_pipeline``, at the chain's
@@ -89,6 +89,9 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
   batch (its data config, no dropout): for RDS the day/night and crowdedness labels of held-out synthetic scenes,
   overridden by ``labels``; for text stages their captions, overridden by ``prompt``. ``num_frames`` (video
   stages) samples clips of another length than the stage trained on (the temporal layers take any length).
+  ``temporal_window`` (stage ``base``; None: its ``config.sampling.temporal_window``, 0 = off) samples such clips
+  "convolutionally in time" (paper App. B): temporal attention over windows of this many frames (2 up to the trained
+  clip length) with window-relative positions, so a clip 2x or 4x the trained length stays in the trained range.
   Returns the written paths plus ``videos`` ``[n, t, h, w, 3]`` uint8. ``decoder`` / ``upsampler``: see
   :func:`sample_pipeline` (pipeline mode only).
   """
@@ -96,6 +99,9 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
   if stage is None and config_lib.is_chain(run):
     in_pipeline = [s for s in run.chain if tasks.get(s).pipeline_order(s) is not None]
     if len(in_pipeline) > 1:
+      if temporal_window is not None:
+        raise ValueError(f"--temporal_window={temporal_window}: a setting of the key-frame stage's clips; add "
+                         "--stage=base")
       return sample_pipeline(workdir, num_samples=num_samples, guidance=guidance, steps=steps, seed=seed,
                              labels=labels, prompt=prompt, output=output, upscale=upscale, progress=progress,
                              seconds=run.get("sample_seconds") or None, decoder=decoder, upsampler=upsampler)
@@ -105,10 +111,14 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
                        "--pipeline)")
   stage_dir = workdirs.resolve_stage(workdir, stage)
   config, mesh = _sampling_config(stage_dir, num_samples, guidance=guidance, steps=steps)
+  trained_frames = int(config.data.num_frames)
   if num_frames:
     if config.model.get("temporal") is None and int(num_frames) != int(config.data.num_frames):
       raise ValueError(f"--num_frames={num_frames}: stage {config.stage!r} is an image model (1 frame)")
     config.data.num_frames = int(num_frames)
+  if temporal_window is not None or config.sampling.get("temporal_window"):
+    window = config.sampling.temporal_window if temporal_window is None else temporal_window
+    _set_temporal_window(config, int(window), trained_frames)
   task, trainable, frozen = workdirs.load_trained(stage_dir, config, mesh)
   batch = condition(task, parallel.to_host(task.fixed_batch(mesh)), labels=labels, prompt=prompt)
   videos = generate(task, trainable, frozen, batch, num_samples=num_samples, batch_size=batch_size, seed=seed,
@@ -118,6 +128,18 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
     paths = video_io.write_outputs(videos, output or os.path.join(workdir, "sample"), float(config.sampling.fps),
                                    upscale)
   return dict(paths, videos=videos, fps=float(config.sampling.fps), stage_dir=stage_dir)
+
+
+def _set_temporal_window(config, window: int, trained_frames: int) -> None:
+  """Sets ``config.sampling.temporal_window`` (checked against the stage's trained clip length, not the sampled
+  one; a window covering the sampled clip is no window)."""
+  if "temporal_window" not in tasks.default_config(config.stage).sampling:
+    raise ValueError(f"--temporal_window={window}: stage {config.stage!r} has no sampling-time temporal window (the "
+                     "key-frame stage 'base' has)")
+  if window and not 2 <= window <= trained_frames:
+    raise ValueError(f"--temporal_window={window}: 0 (off) or 2..{trained_frames}, the clip length stage "
+                     f"{config.stage!r} trained on (longer windows put positions outside the trained range)")
+  config.sampling.temporal_window = window if window < int(config.data.num_frames) else 0
 
 
 def sample_pipeline(spec: str, *, num_samples: int = 4, seconds: Optional[float] = None,

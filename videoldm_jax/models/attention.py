@@ -107,9 +107,11 @@ class Transformer2DModel(nn.Module):
     if tc is not None:
       if num_frames is None:
         raise ValueError("the video transformer needs num_frames")
-      # Frame-index embedding (sinusoidal -> MLP), added to the temporal branch's input only.
+      # Frame-index embedding (sinusoidal -> MLP), added to the temporal branch's input only. With a position
+      # window (long clips at sampling) the index is the one inside the frame's window: in the trained range.
+      windows = temporal_lib.frame_windows(num_frames, tc.position_window)
       frame_emb = layers.TimestepEmbedding(4 * channels, channels, name="temporal_pos_embed", **kw)(
-          temporal_lib.frame_position_features(num_frames, channels).astype(self.dtype))
+          temporal_lib.frame_position_features(windows.size if windows else num_frames, channels).astype(self.dtype))
       mixer = temporal_lib.AlphaBlender(tc.merge_strategy, tc.merge_factor, name="temporal_mixer",
                                         param_dtype=self.param_dtype)
       time_context = temporal_lib.select_temporal_context(tc, context, temporal_context, num_frames)
@@ -119,13 +121,16 @@ class Transformer2DModel(nn.Module):
           only_cross_attention=self.only_cross_attention, attention_implementation=self.attention_implementation,
           name=f"transformer_blocks_{i}", **kw)(h, context)
       if tc is not None:
-        mixed = einops.rearrange(h, "(b t) s c -> b t s c", t=num_frames) + frame_emb[None, :, None, :]
+        video = einops.rearrange(h, "(b t) s c -> b t s c", t=num_frames)
+        tokens = (einops.rearrange(video + frame_emb[None, :, None, :], "b t s c -> (b s) t c") if windows is None
+                  else windows.gather(video, frame_emb))
         mixed = temporal_lib.TemporalTransformerBlock(
             inner, self.heads, self.head_dim, cross_attention=tc.cross_attention,
             max_frame_distance=tc.max_frame_distance, attention_implementation=self.attention_implementation,
-            name=f"temporal_transformer_blocks_{i}", **kw)(
-                einops.rearrange(mixed, "b t s c -> (b s) t c"), time_context)
-        mixed = einops.rearrange(mixed, "(b s) t c -> (b t) s c", s=height * width)
+            lora_rank=tc.lora_rank, lora_alpha=tc.lora_alpha, name=f"temporal_transformer_blocks_{i}", **kw)(
+                tokens, time_context)
+        mixed = (einops.rearrange(mixed, "(b s) t c -> (b t) s c", s=height * width) if windows is None
+                 else einops.rearrange(windows.scatter(mixed, height * width), "b t s c -> (b t) s c"))
         h = mixer(h, mixed, image_only_indicator)
     if self.use_linear_projection:
       h = layers.dense(channels, axes=("mlp", "embed"), name="proj_out", **kw)(h)

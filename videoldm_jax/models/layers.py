@@ -35,28 +35,124 @@ def _partitioned(init, axes: Axes):
 
 def dense(features: int, *, name: str, axes: Axes = ("embed", "mlp"), use_bias: bool = True,
           kernel_init=nn.initializers.lecun_normal(), dtype: Dtype = jnp.float32,
-          param_dtype: Dtype = jnp.float32) -> nn.Dense:
-  """``nn.Dense`` with kernel ``[in, out]`` / bias ``[out]`` annotated with logical ``axes``."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=_partitioned(kernel_init, axes),
-                  bias_init=_partitioned(nn.initializers.zeros_init(), axes[-1:]))
+          param_dtype: Dtype = jnp.float32, lora_rank: int = 0, lora_alpha: float = 0.0) -> nn.Dense:
+  """``nn.Dense`` with kernel ``[in, out]`` / bias ``[out]`` annotated with logical ``axes``.
+
+  ``lora_rank > 0`` adds a low-rank adapter (``LoRA``) under ``<name>/lora``; the base params keep their paths.
+  """
+  cls, extra = nn.Dense, {}
+  if lora_rank:
+    cls, extra = LoRADense, dict(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_axes=tuple(axes))
+  return cls(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+             kernel_init=_partitioned(kernel_init, axes),
+             bias_init=_partitioned(nn.initializers.zeros_init(), axes[-1:]), **extra)
 
 
 def conv(features: int, kernel_size: Sequence[int] = (3, 3), *, name: str, strides: Sequence[int] | None = None,
          padding: Any = None, use_bias: bool = True, kernel_init=nn.initializers.lecun_normal(),
-         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Conv:
+         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, lora_rank: int = 0,
+         lora_alpha: float = 0.0) -> nn.Conv:
   """2D (``[b,h,w,c]``) or 3D (``[b,t,h,w,c]``) conv with logical axes.
 
   Default padding is symmetric zero padding of ``k // 2`` per dim, i.e. PyTorch ``padding=k//2``
-  (for a (3,1,1) temporal kernel: zero padding in time only).
+  (for a (3,1,1) temporal kernel: zero padding in time only). ``lora_rank > 0`` adds a low-rank adapter
+  (``LoRA``: a conv of the same kernel size to ``lora_rank`` channels, then a 1x1 conv) under ``<name>/lora``.
   """
   ks = tuple(kernel_size)
   padding = padding if padding is not None else [(k // 2, k // 2) for k in ks]
   axes = CONV2D_AXES if len(ks) == 2 else CONV3D_AXES
-  return nn.Conv(features, kernel_size=ks, strides=tuple(strides or (1,) * len(ks)), padding=padding,
-                 use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                 kernel_init=_partitioned(kernel_init, axes),
-                 bias_init=_partitioned(nn.initializers.zeros_init(), ("conv_out",)))
+  cls, extra = nn.Conv, {}
+  if lora_rank:
+    cls, extra = LoRAConv, dict(lora_rank=lora_rank, lora_alpha=lora_alpha)
+  return cls(features, kernel_size=ks, strides=tuple(strides or (1,) * len(ks)), padding=padding,
+             use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+             kernel_init=_partitioned(kernel_init, axes),
+             bias_init=_partitioned(nn.initializers.zeros_init(), ("conv_out",)), **extra)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Low-rank adapters (Hu et al. 2021, "LoRA"): ``y = W x + (alpha / r) * B(A x)``.
+
+LORA_AXIS = "lora_rank"  # logical name of the adapter rank; in no sharding rule, so that dimension is replicated
+
+
+def lora_scale(rank: int, alpha: float) -> float:
+  """``alpha / rank``; ``alpha = 0`` means ``alpha = rank`` (scale 1)."""
+  return (alpha or rank) / rank
+
+
+class LoRA(nn.Module):
+  """The low-rank branch ``scale * B(A x)`` of an adapted Dense or Conv; params ``lora_a`` and ``lora_b``.
+
+  Dense: ``lora_a`` ``[in, r]``, ``lora_b`` ``[r, out]``. Conv (``kernel_size`` set): ``lora_a`` is a conv kernel
+  ``[*kernel_size, in, r]`` applied with the base conv's strides and padding, ``lora_b`` ``[r, out]`` a 1x1 conv;
+  their composition is one conv of the base kernel size, which is what lets ``videoldm_jax.lora`` fold it into the
+  base kernel. ``lora_a`` starts like peft's (kaiming-uniform, bound ``1 / sqrt(fan_in)``), ``lora_b`` at zero, so
+  an adapted layer initially computes exactly its base layer.
+
+  Input ``[..., in]`` (dense) or ``[b, *spatial, in]`` (conv); output ``[..., out]`` in ``dtype``.
+  """
+  features: int
+  rank: int
+  alpha: float = 0.0
+  kernel_size: Optional[Tuple[int, ...]] = None  # None: dense
+  strides: Optional[Tuple[int, ...]] = None
+  padding: Any = None
+  axes: Axes = ("embed", "mlp")  # the base kernel's (in, out) logical axes
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    ks = tuple(self.kernel_size or ())
+    a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    a = self.param("lora_a", _partitioned(a_init, (*self.axes[:-1], LORA_AXIS)), ks + (x.shape[-1], self.rank),
+                   self.param_dtype)
+    b = self.param("lora_b", _partitioned(nn.initializers.zeros_init(), (LORA_AXIS, self.axes[-1])),
+                   (self.rank, self.features), self.param_dtype)
+    x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=self.dtype)
+    if ks:
+      spatial = "DHW"[-len(ks):]
+      padding = self.padding if isinstance(self.padding, str) else tuple(tuple(p) for p in self.padding)
+      h = jax.lax.conv_general_dilated(x, a, tuple(self.strides or (1,) * len(ks)), padding,
+                                       dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+    else:
+      h = x @ a
+    return (h @ b) * jnp.asarray(lora_scale(self.rank, self.alpha), h.dtype)
+
+
+class LoRADense(nn.Dense):
+  """``nn.Dense`` (same params, same paths) plus a ``LoRA`` branch named ``lora``."""
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+  lora_axes: Axes = ("embed", "mlp")
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    y = super().__call__(inputs)
+    delta = LoRA(self.features, self.lora_rank, self.lora_alpha, axes=self.lora_axes, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="lora")(inputs)
+    return y + delta.astype(y.dtype)
+
+
+class LoRAConv(nn.Conv):
+  """``nn.Conv`` (same params, same paths) plus a ``LoRA`` conv branch named ``lora``."""
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    y = super().__call__(inputs)
+    ks = tuple(self.kernel_size)
+    dilated = any(d not in (None, 1) and set(np.atleast_1d(d)) != {1} for d in (self.input_dilation,
+                                                                           self.kernel_dilation))
+    if inputs.ndim != len(ks) + 2 or self.feature_group_count != 1 or dilated:
+      raise ValueError(f"{self.name}: a conv adapter needs a plain conv on [b, *spatial, c] inputs")
+    axes = CONV2D_AXES if len(ks) == 2 else CONV3D_AXES
+    delta = LoRA(self.features, self.lora_rank, self.lora_alpha, kernel_size=ks, strides=self.strides,
+                 padding=self.padding, axes=axes, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="lora")(inputs)
+    return y + delta.astype(y.dtype)
 
 
 def group_norm(*, name: str, num_groups: int = 32, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
@@ -153,6 +249,9 @@ def splash_applies(nq: int, nk: int, head_dim: int, mask, self_attention: bool) 
 # [b, heads, n_q, n_k] score matrix.
 BLOCKWISE_Q_BLOCK = 512
 BLOCKWISE_KV_BLOCK = 1024
+# implementation=None: attention whose score matrix has this many logits per image and head (8192 x 8192: 256 MiB
+# in fp32) or more runs blockwise. Below it (SD's 4096-token level 0 at 512 px, text, frames) XLA's attention.
+AUTO_BLOCKWISE_SCORES = 8192 * 8192
 # The logit jax.nn.dot_product_attention gives masked-out keys: finite, so a fully masked row averages every key.
 _MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
@@ -355,8 +454,10 @@ def dot_product_attention(q, k, v, *, num_heads: int, mask: Optional[jax.Array] 
   (``splash_applies``) through the Pallas splash kernel when compiled for TPU (XLA's attention on other platforms
   and for every other attention); ``"blockwise"`` runs attention longer than one block (``BLOCKWISE_Q_BLOCK`` queries or
   ``BLOCKWISE_KV_BLOCK`` keys) through ``blockwise_attention`` (flash-style, plain JAX, no ``n_q x n_k`` scores) and
-  shorter attention (frames, text) through XLA's; None / ``"xla"`` / ``"cudnn"`` are passed to
-  ``jax.nn.dot_product_attention`` (None = XLA picks; "cudnn" for fused GPU).
+  shorter attention (frames, text) through XLA's; ``"xla"`` / ``"cudnn"`` are passed to
+  ``jax.nn.dot_product_attention`` ("cudnn" for fused GPU). None (the default) is XLA's attention unless its score
+  matrix would hold ``AUTO_BLOCKWISE_SCORES`` or more logits per image and head (whole-frame sampling of a model
+  trained on crops, 576x1024 latents, ...): those run blockwise, since XLA would materialise gigabytes of logits.
   Softmax runs in fp32 regardless of the input dtype.
   """
   check_implementation(implementation)
@@ -372,7 +473,8 @@ def dot_product_attention(q, k, v, *, num_heads: int, mask: Optional[jax.Array] 
       out = jax.lax.platform_dependent(q, k, v, tpu=_splash_attention, default=xla)
     else:
       out = xla(q, k, v)
-  elif implementation == "blockwise" and (nq > BLOCKWISE_Q_BLOCK or nk > BLOCKWISE_KV_BLOCK):
+  elif (implementation == "blockwise" and (nq > BLOCKWISE_Q_BLOCK or nk > BLOCKWISE_KV_BLOCK)) or (
+      implementation is None and nq * nk >= AUTO_BLOCKWISE_SCORES):
     out = blockwise_attention(q, k, v, mask)
   elif implementation == "blockwise":  # one block: XLA's scores are no larger than a block, and need no loop
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
@@ -395,11 +497,14 @@ class Attention(nn.Module):
     out_features: output width; defaults to the query width.
     implementation: see ``dot_product_attention`` (None = XLA, "cudnn" = fused GPU kernel, "splash" = Pallas
       splash kernel on TPU for long self-attention, "blockwise" = flash-style attention in plain JAX).
+    lora_rank, lora_alpha: low-rank adapters on the four projections (``<proj>/lora/lora_{a,b}``; 0 = none).
   """
   heads: int
   head_dim: int
   out_features: Optional[int] = None
   implementation: Optional[str] = None
+  lora_rank: int = 0  # > 0: low-rank adapters on to_q / to_k / to_v / to_out_0 (``LoRA``)
+  lora_alpha: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -410,6 +515,7 @@ class Attention(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     inner = self.heads * self.head_dim
     context = x if context is None else context
+    kw.update(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
     q = dense(inner, use_bias=False, axes=("embed", "heads"), name="to_q", **kw)(x)
     k = dense(inner, use_bias=False, axes=("embed", "heads"), name="to_k", **kw)(context)
     v = dense(inner, use_bias=False, axes=("embed", "heads"), name="to_v", **kw)(context)

@@ -9,6 +9,8 @@ Temporal layers are interleaved with frozen spatial layers and merged with an :c
 * :class:`TemporalTransformerBlock`: temporal self-attention over frames (optionally windowed to
   ``max_frame_distance``), optional cross-attention to a conditioning sequence, GEGLU feed-forwards.
 * :func:`frame_position_features`: sinusoidal frame-index features; the caller owns the ``temporal_pos_embed`` MLP.
+  :func:`frame_windows` runs the temporal transformer over sliding windows with window-relative positions, for
+  clips longer than the trained ones (``TemporalConfig.position_window``, sampling only).
 * :class:`TemporalConditionEncoder` (``temporal_cond``, prediction / interpolation models, Sec. 3.2-3.3): the
   masked context ``c = concat(m * z0, m)`` ``[(b t), h, w, C + 1]`` goes through a learned strided-conv
   downsampling to one feature map per U-Net level; the conditioning-augmentation noise level (sinusoidal -> MLP)
@@ -32,8 +34,9 @@ Module and parameter names mirror diffusers (``TemporalResnetBlock``, ``Temporal
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -75,6 +78,16 @@ class TemporalConfig:
     frame_norm: GroupNorm statistics of the temporal ResBlocks per frame instead of over the whole clip. The
       reference blocks normalise over time, which makes every output frame depend on every input frame; per-frame
       statistics bound the temporal receptive field, so long videos can be processed exactly in windows.
+    position_window: sampling-time option for clips longer than the trained ones (paper App. B, "convolutional
+      in time"): each frame's temporal transformer output is computed on the ``position_window`` frames around it
+      (:func:`frame_windows`), those frames getting window-relative positions ``0..W-1``, so positions stay in the
+      trained range; ``max_frame_distance`` still masks inside the window. None, or >= the clip length: the whole
+      clip as one window (the training computation, bit for bit). Adds no params.
+    lora_rank: rank of low-rank adapters (``layers.LoRA``) on every projection of the temporal attentions
+      (to_q / to_k / to_v / to_out_0 of attn1 and attn2); 0 = none. Adapter params sit under ``.../lora/`` (train
+      them alone with ``config.trainable = ".*/lora/.*"``; ``videoldm_jax.lora`` merges and exports them).
+    lora_alpha: adapter scale ``alpha / rank`` (0 = rank, i.e. scale 1).
+    lora_convs: adapters on the temporal ResBlocks' 3D convs too (conv1 / conv2).
   """
   merge_strategy: str = "learned_with_images"
   merge_factor: float = 0.5
@@ -90,12 +103,21 @@ class TemporalConfig:
   eps: Optional[float] = None
   switch_spatial_to_temporal_mix: bool = False
   frame_norm: bool = False
+  position_window: Optional[int] = None
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+  lora_convs: bool = False
 
   def __post_init__(self):
     if self.merge_strategy not in MERGE_STRATEGIES:
       raise ValueError(f"merge_strategy must be one of {MERGE_STRATEGIES}, got {self.merge_strategy!r}")
     if self.num_regimes < 0 or (self.num_regimes and not self.mask_conditioning):
       raise ValueError(f"num_regimes={self.num_regimes} needs mask_conditioning=True and must be >= 0")
+    if self.position_window is not None and self.position_window < 1:
+      raise ValueError(f"position_window={self.position_window} must be None or >= 1")
+    if self.lora_rank < 0 or self.lora_alpha < 0 or (self.lora_convs and not self.lora_rank):
+      raise ValueError(f"lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}: must be >= 0 (lora_convs needs "
+                       "lora_rank > 0)")
     object.__setattr__(self, "kernel_size", tuple(self.kernel_size))  # JSON round-trip gives a list
 
   @classmethod
@@ -162,6 +184,8 @@ class TemporalResBlock(nn.Module):
   dropout: float = 0.0
   zero_init: bool = True
   frame_norm: bool = False  # GroupNorm statistics per frame (see TemporalConfig.frame_norm)
+  lora_rank: int = 0  # > 0: low-rank adapters on conv1 / conv2 (TemporalConfig.lora_convs)
+  lora_alpha: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -185,7 +209,8 @@ class TemporalResBlock(nn.Module):
     # conv whose input is sharded along the conv's time axis and whose kernel is sharded over the same mesh axis.
     unsharded_time = lambda a: nn.with_logical_constraint(a, ("batch", "frames", None, None, None))  # noqa: E731
     h = self._norm("norm1", x)
-    h = layers.conv(self.features, self.kernel_size, name="conv1", **kw)(unsharded_time(nn.silu(h)))
+    lora = dict(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
+    h = layers.conv(self.features, self.kernel_size, name="conv1", **lora, **kw)(unsharded_time(nn.silu(h)))
     if emb is not None:
       e = layers.dense(self.features, name="time_emb_proj", **kw)(nn.silu(emb))
       h = h + e[:, :, None, None, :].astype(h.dtype)
@@ -196,7 +221,8 @@ class TemporalResBlock(nn.Module):
     h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
     # Zero-init makes the block the identity at init, so inserting it leaves the image model unchanged.
     out_init = nn.initializers.zeros_init() if self.zero_init else nn.initializers.lecun_normal()
-    h = layers.conv(self.features, self.kernel_size, name="conv2", kernel_init=out_init, **kw)(unsharded_time(h))
+    h = layers.conv(self.features, self.kernel_size, name="conv2", kernel_init=out_init, **lora, **kw)(
+        unsharded_time(h))
     return x + h
 
 
@@ -225,6 +251,8 @@ class TemporalTransformerBlock(nn.Module):
   max_frame_distance: Optional[int] = None
   eps: float = 1e-5
   attention_implementation: Optional[str] = None
+  lora_rank: int = 0  # > 0: low-rank adapters on the attention projections (TemporalConfig.lora_rank)
+  lora_alpha: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -245,7 +273,7 @@ class TemporalTransformerBlock(nn.Module):
 
     def attention(name):
       return layers.Attention(self.num_heads, self.head_dim, implementation=self.attention_implementation,
-                              name=name, **kw)
+                              lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, name=name, **kw)
 
     def norm(name):
       return layers.layer_norm(name=name, epsilon=self.eps, **kw)
@@ -285,6 +313,41 @@ def frame_position_features(num_frames: int, dim: int, max_period: float = 10000
   """Sinusoidal (cos | sin) features of frame indices ``0..t-1``: ``[t, dim]`` fp32 (input of temporal_pos_embed)."""
   return layers.sinusoidal_embedding(jnp.arange(num_frames), dim, flip_sin_to_cos=True, downscale_freq_shift=0.0,
                                      max_period=max_period)
+
+
+class FrameWindows(NamedTuple):
+  """Sliding windows of ``size`` frames over a clip of ``t`` (``TemporalConfig.position_window``).
+
+  ``starts`` ``[k]``: first frame of each distinct window; ``window_of`` ``[t]``: the window frame i is computed in;
+  ``offset`` ``[t]``: frame i's position inside it. Static numpy: the clip length is a Python int.
+  """
+  size: int
+  starts: np.ndarray
+  window_of: np.ndarray
+  offset: np.ndarray
+
+  def gather(self, x: jax.Array, pos_emb: jax.Array) -> jax.Array:
+    """``x`` ``[b, t, s, c]`` -> tokens ``[(b s k), W, c]`` (video-major) of every window's frames, each plus the
+    embedding ``pos_emb`` ``[W, c]`` of its window-relative position."""
+    idx = self.starts[:, None] + np.arange(self.size)[None, :]  # [k, W]
+    return einops.rearrange(x[:, idx] + pos_emb[None, None, :, None, :], "b k w s c -> (b s k) w c")
+
+  def scatter(self, out: jax.Array, spatial: int) -> jax.Array:
+    """Per-window outputs ``[(b s k), W, c]`` -> ``[b, t, s, c]``, frame i taken from its own window."""
+    out = einops.rearrange(out, "(b s k) w c -> b k w s c", s=spatial, k=len(self.starts))
+    return out[:, self.window_of, self.offset]
+
+
+def frame_windows(num_frames: int, window: Optional[int]) -> Optional[FrameWindows]:
+  """Frame i's window is ``[s_i, s_i + W)``, ``s_i = clip(i - W // 2, 0, t - W)``: centred on i where the clip
+  allows, shifted inwards at its ends, so every window is full and its positions ``0..W-1`` are those of a
+  ``W``-frame training clip. Frames with the same window share one computation (``t - W + 1`` windows).
+  None when ``window`` is None or covers the clip (no windows: the training computation)."""
+  if window is None or window >= num_frames:
+    return None
+  s = np.clip(np.arange(num_frames) - window // 2, 0, num_frames - window)
+  starts, window_of = np.unique(s, return_inverse=True)
+  return FrameWindows(int(window), starts, window_of.reshape(-1), np.arange(num_frames) - s)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -363,7 +363,8 @@ class ResnetBlock2D(nn.Module):
       mixed = temporal_lib.TemporalResBlock(
           self.out_channels, tc.kernel_size, eps=self.eps if tc.eps is None else tc.eps,
           num_groups=self.norm_num_groups, dropout=tc.dropout, zero_init=tc.zero_init, frame_norm=tc.frame_norm,
-          name="temporal_res", **kw)(video, frame_temb, cond=cond, deterministic=deterministic)
+          lora_rank=tc.lora_rank if tc.lora_convs else 0, lora_alpha=tc.lora_alpha, name="temporal_res", **kw)(
+              video, frame_temb, cond=cond, deterministic=deterministic)
       video = temporal_lib.AlphaBlender(tc.merge_strategy, tc.merge_factor, tc.switch_spatial_to_temporal_mix,
                                         name="temporal_mixer", param_dtype=self.param_dtype)(
                                             video, mixed, image_only_indicator)

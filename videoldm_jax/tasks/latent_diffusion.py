@@ -10,6 +10,9 @@ Param tree (top-level keys match the converted-checkpoint format)::
 ``image``: ``config.trainable`` usually ``^(unet|label_encoder)/.*``; the U-Net is the plain image U-Net.
 ``base``: the same U-Net with temporal layers (``config.model.temporal``), ``config.trainable = .*temporal.*``:
 the image LDM stays frozen; ``config.model_init`` points at a converted SD checkpoint or a trained ``image`` workdir.
+``base`` samples clips longer than it trained on "convolutionally in time" (paper App. B) with
+``config.sampling.temporal_window`` = W: its sampling U-Net (``sample_unet``, same params) runs the temporal attention
+over W-frame windows with window-relative positions (``TemporalConfig.position_window``); training never does.
 
 Clips ``[b, t, h, w, 3]`` are encoded frame by frame to latents ``[b, t, h/8, w/8, 4]``; one diffusion time per clip;
 the U-Net sees frames folded into the batch ``[(b t), h, w, c]`` with ``num_frames=t`` and the conditioning
@@ -65,6 +68,9 @@ def unet_config(config) -> unet_lib.UNetConfig:
     if "temporal" not in {f.name for f in dataclasses.fields(cfg)}:
       raise ValueError("config.model.temporal is set but UNetConfig has no temporal option")
     from videoldm_jax.models.temporal import TemporalConfig  # pylint: disable=g-import-not-at-top
+    if dict(config.model.temporal).get("position_window") is not None:
+      raise ValueError("config.model.temporal.position_window is a sampling-time option, never trained with: set "
+                       "config.sampling.temporal_window (key-frame stage) instead")
     tc = _replace(TemporalConfig(), dict(config.model.temporal), "temporal")
     cfg = dataclasses.replace(cfg, temporal=tc)
   return cfg
@@ -174,6 +180,10 @@ class LatentDiffusionTask(Task):
     self.text_config = text_config(config) if config.model.conditioning == "text" else None
     kw = dict(dtype=self.dtype, param_dtype=jnp.float32)
     self.unet = unet_lib.UNet(self.unet_config, **kw)
+    # Sampling-time U-Net (same params): temporal attention over sliding windows for clips longer than trained.
+    window = int(config.sampling.get("temporal_window", 0) or 0)
+    self.sample_unet = self.unet if not (window and self.video) else unet_lib.UNet(dataclasses.replace(
+        self.unet_config, temporal=dataclasses.replace(self.unet_config.temporal, position_window=window)), **kw)
     self.vae = vae_lib.AutoencoderKL(self.vae_config, **kw)
     self.text_encoder = clip_lib.CLIPTextEncoder(self.text_config, **kw) if self.text_config else None
     self.label_encoder = None
@@ -198,11 +208,15 @@ class LatentDiffusionTask(Task):
 
   @classmethod
   def config_defaults(cls, stage: str):
-    del stage
+    sampling = dict(num_steps=25, guidance_scale=5.0, eta=0.0)  # DDIM + classifier-free guidance
+    if stage == "base":
+      # Key frames longer than trained, "convolutionally in time" (paper App. B): frames per temporal-attention
+      # window, positions relative to the window (TemporalConfig.position_window); 0 = off.
+      sampling["temporal_window"] = 0
     return {
         "diffusion": dict(schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
                           prediction="eps"),  # eps | v (conditioning dropout for CFG: config.data.cond_drop_prob)
-        "sampling": dict(num_steps=25, guidance_scale=5.0, eta=0.0),  # DDIM + classifier-free guidance
+        "sampling": sampling,
     }
 
   @property
@@ -225,6 +239,11 @@ class LatentDiffusionTask(Task):
         raise ValueError(f"config.model.temporal is None but stage {config.stage!r} needs temporal layers")
       if int(config.data.num_frames) < 2:
         raise ValueError(f"config.data.num_frames={config.data.num_frames}: stage {config.stage!r} trains on clips")
+      window = int(config.sampling.get("temporal_window", 0) or 0)
+      if window and not 2 <= window <= int(config.data.num_frames):
+        raise ValueError(f"config.sampling.temporal_window={window}: 0 (off) or 2..config.data.num_frames="
+                         f"{config.data.num_frames} (a window longer than the trained clips puts positions outside "
+                         "the trained range)")
     if config.model.conditioning == "image":
       raise ValueError(f"config.model.conditioning='image' is the svd stage's; stage {config.stage!r} conditions on "
                        "text, labels or none")
@@ -388,15 +407,17 @@ class LatentDiffusionTask(Task):
     z = vae_lib.DiagonalGaussian(moments).sample(rng) * self.vae_config.scaling_factor
     return jax.lax.stop_gradient(einops.rearrange(z, "(b t) h w c -> b t h w c", b=b))
 
-  def denoise(self, params, x_t, t, context, **unet_kwargs) -> jax.Array:
+  def denoise(self, params, x_t, t, context, *, unet: Optional[nn.Module] = None, **unet_kwargs) -> jax.Array:
     """``x_t`` ``[b, t, h, w, c]``, ``t`` ``[b]``, ``context`` ``[b, n, d]`` -> prediction ``[b, t, h, w, c]``.
-    ``unet_kwargs`` go to the U-Net as they are (e.g. the mask conditioning of the predictor)."""
+    ``unet``: the module to apply (default: the training U-Net; ``sample_unet`` at sampling). ``unet_kwargs`` go
+    to the U-Net as they are (e.g. the mask conditioning of the predictor)."""
     b, nt = x_t.shape[:2]
     x = einops.rearrange(x_t, "b t h w c -> (b t) h w c")
     kw = dict(unet_kwargs)
     if self.video:
       kw.update(num_frames=nt, image_only_indicator=jnp.zeros((b, nt), jnp.float32))
-    out = self.unet.apply({"params": params["unet"]}, x, jnp.repeat(t, nt), jnp.repeat(context, nt, axis=0), **kw)
+    out = (unet or self.unet).apply({"params": params["unet"]}, x, jnp.repeat(t, nt), jnp.repeat(context, nt, axis=0),
+                                    **kw)
     return einops.rearrange(out, "(b t) h w c -> b t h w c", b=b)
 
   # ----- training -----------------------------------------------------------------------------------------------
@@ -467,7 +488,7 @@ class LatentDiffusionTask(Task):
     x_T = jax.random.normal(noise_rng, shape, jnp.float32)
 
     def model_fn(x, t, ctx):  # x [(k b), t, h, w, c] for k stacked conditions
-      return self.denoise(params, x.astype(self.dtype), t, ctx).astype(jnp.float32)
+      return self.denoise(params, x.astype(self.dtype), t, ctx, unet=self.sample_unet).astype(jnp.float32)
 
     def guided(x, t):
       return diffusion.guided_prediction(model_fn, x, t, cond, uncond, float(sc.guidance_scale))

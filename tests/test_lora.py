@@ -34,6 +34,14 @@ def _inputs():
               encoder_hidden_states=jnp.asarray(rng.standard_normal((FRAMES, 2, 32)), jnp.float32))
 
 
+# -O0: these tiny programs are compile-bound on CPU (as with config.cpu_fast_compile).
+_FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _compiled(fn, *args):
+  return jax.jit(fn).lower(*args).compile(compiler_options=_FAST)
+
+
 def _randomised(flat, keys, seed, std):
   rng = np.random.default_rng(seed)
   return {k: (jnp.asarray(rng.standard_normal(v.shape) * std, v.dtype) if k in keys else v) for k, v in flat.items()}
@@ -44,9 +52,11 @@ def models():
   """(base model apply, adapted model apply, adapted params): rank 0 and rank 4 (+ conv adapters) tiny video U-Nets."""
   inputs = _inputs()
   base, adapted = _unet(TemporalConfig()), _unet(LORA_TC)
-  params = nn.meta.unbox(adapted.init(jax.random.PRNGKey(0), **inputs, num_frames=FRAMES)["params"])
-  fwd = lambda model: jax.jit(lambda p: model.apply({"params": p}, **inputs, num_frames=FRAMES))  # noqa: E731
-  return fwd(base), fwd(adapted), params, base
+  rng = jax.random.key(0, impl="unsafe_rbg")  # compiles several times faster than threefry
+  params = nn.meta.unbox(_compiled(lambda r: adapted.init(r, **inputs, num_frames=FRAMES), rng)(rng)["params"])
+  base_params = {k: v for k, v in optim.flat_paths(params).items() if not lora.is_adapter(k)}
+  fwd = lambda model, p: _compiled(lambda p: model.apply({"params": p}, **inputs, num_frames=FRAMES), p)  # noqa: E731
+  return fwd(base, traverse_util.unflatten_dict(base_params, sep="/")), fwd(adapted, params), params, base
 
 
 def test_adapters_placed_where_configured(models):
@@ -110,10 +120,12 @@ def test_training_changes_only_adapters(models):
 
   trainable, frozen = optim.split(params, lora.TRAINABLE)
   tx = optax.adam(1e-2)
-  step = jax.jit(optim.default_train_step(loss_fn, tx, optax.constant_schedule(1e-2), 0.99))
   state = optim.init_state(trainable, tx, ema=False)
+  rng = jax.random.PRNGKey(0)
+  step = _compiled(optim.default_train_step(loss_fn, tx, optax.constant_schedule(1e-2), 0.99), state, frozen, {},
+                   rng)
   for _ in range(3):
-    state, metrics = step(state, frozen, {}, jax.random.PRNGKey(0))
+    state, metrics = step(state, frozen, {}, rng)
     assert int(metrics["finite"]) == 1
   before, after = optim.flat_paths(params), optim.flat_paths(optim.merge(state.params, frozen))
   assert set(before) == set(after)

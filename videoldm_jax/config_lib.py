@@ -87,6 +87,7 @@ def base_config() -> ConfigDict:
       label_fields=("day_night", "crowdedness"),  # labels conditioning: fields of batch["labels"] ...
       label_classes=(2, 5),    # ... and their class counts (a null class for CFG is added to each)
       label_dim=0,             # width of the label tokens (0: the U-Net's cross_attention_dim)
+      temporal_text_encoder=False,  # text video stages: the temporal layers read a second text encoder's tokens
   ))
   c.dtype = "float32"          # compute dtype: float32 | bfloat16 (trainable params stay float32)
   c.frozen_dtype = "float32"   # storage dtype of the frozen params (config.trainable's complement): float32 | bfloat16
@@ -186,8 +187,12 @@ def apply_variant(config: ConfigDict, name: str) -> ConfigDict:
 
 
 def video_temporal(**overrides) -> Dict[str, Any]:
-  """Video LDM temporal layers: learned α with image-only passthrough, temporal cross-attention to the context."""
-  return dict(dict(merge_strategy="learned_with_images", merge_factor=0.5, cross_attention=True), **overrides)
+  """Video LDM temporal layers: learned α with image-only passthrough, temporal cross-attention to the context.
+
+  The LoRA keys (off by default) are listed so that ``--config.model.temporal.lora_rank=8`` can override them.
+  """
+  return dict(dict(merge_strategy="learned_with_images", merge_factor=0.5, cross_attention=True, lora_rank=0,
+                   lora_alpha=0.0, lora_convs=False), **overrides)
 
 
 def runlocal(config: ConfigDict) -> ConfigDict:

@@ -90,7 +90,7 @@ class Transformer2DModel(nn.Module):
     """``x`` ``[b, h, w, c]``, ``context`` ``[b, m, d]`` -> ``[b, h, w, c]``.
 
     Video model: ``b = videos * num_frames`` frame-major, ``image_only_indicator`` ``[videos, num_frames]``,
-    ``temporal_context`` ``[videos, m', d']`` (only read when ``temporal.use_spatial_context`` is False).
+    ``temporal_context`` ``[videos, m', d']`` (when given, the temporal cross-attention's context).
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, height, width, channels = x.shape

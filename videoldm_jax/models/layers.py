@@ -144,8 +144,7 @@ class LoRAConv(nn.Conv):
   def __call__(self, inputs: jax.Array) -> jax.Array:
     y = super().__call__(inputs)
     ks = tuple(self.kernel_size)
-    dilated = any(d not in (None, 1) and set(np.atleast_1d(d)) != {1} for d in (self.input_dilation,
-                                                                           self.kernel_dilation))
+    dilated = any(d is not None and np.any(np.asarray(d) != 1) for d in (self.input_dilation, self.kernel_dilation))
     if inputs.ndim != len(ks) + 2 or self.feature_group_count != 1 or dilated:
       raise ValueError(f"{self.name}: a conv adapter needs a plain conv on [b, *spatial, c] inputs")
     axes = CONV2D_AXES if len(ks) == 2 else CONV3D_AXES

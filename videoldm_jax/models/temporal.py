@@ -61,8 +61,8 @@ class TemporalConfig:
     cross_attention: whether the temporal transformer blocks cross-attend to a conditioning sequence (text for
       T2V, the CLIP image embedding for SVD); False = no ``norm2`` / ``attn2``.
     use_spatial_context: the temporal cross-attention context is the first frame's spatial context (sgm /
-      SVD); otherwise the U-Net's ``temporal_context`` argument (e.g. a second text encoder's tokens). Its width
-      sets the ``attn2`` key / value input width.
+      SVD) unless the U-Net is given a ``temporal_context`` (e.g. a second text encoder's tokens), which always
+      wins; False: only ``temporal_context``. Its width sets the ``attn2`` key / value input width.
     context_dim: width of that ``temporal_context`` (None = the spatial cross-attention width); read only to
       build example inputs (``unet.dummy_inputs``).
     kernel_size: temporal ResBlock conv kernel ``(t, h, w)``.
@@ -299,14 +299,16 @@ def select_temporal_context(config: TemporalConfig, context: Optional[jax.Array]
                             temporal_context: Optional[jax.Array], num_frames: int) -> Optional[jax.Array]:
   """The temporal cross-attention context ``[b, m, d]`` (None: no cross-attention / self-attention in time).
 
-  ``context`` is the spatial context ``[(b t), m, d]`` (frame-major); with ``use_spatial_context`` its first frame
-  per video is used (sgm ``SpatialVideoTransformer``), otherwise ``temporal_context`` ``[b, m', d']``.
+  ``context`` is the spatial context ``[(b t), m, d]`` (frame-major). An explicit ``temporal_context``
+  ``[b, m', d']`` wins (e.g. a second text encoder's tokens: a personalized backbone's spatial layers read its own
+  text encoder, the temporal layers the one they trained with); without one, ``use_spatial_context`` takes the first
+  frame of ``context`` per video (sgm ``SpatialVideoTransformer``).
   """
   if not config.cross_attention:
     return None
-  if config.use_spatial_context:
-    return None if context is None else context[::num_frames]
-  return temporal_context
+  if temporal_context is not None or not config.use_spatial_context:
+    return temporal_context
+  return None if context is None else context[::num_frames]
 
 
 def frame_position_features(num_frames: int, dim: int, max_period: float = 10000.0) -> jax.Array:

@@ -590,8 +590,8 @@ class UNet(nn.Module):
         frames, and per-video ``timesteps`` / ``encoder_hidden_states`` / ``class_labels`` / ``added_cond``
         (leading dim ``b / t``) are repeated over the frames; per-frame values are used as they are.
       image_only_indicator: ``[b / t, t]``; true frames skip the temporal layers (alpha = 1). None = all video.
-      temporal_context: ``[b / t, m, d]`` context of the temporal cross-attention when
-        ``config.temporal.use_spatial_context`` is False.
+      temporal_context: ``[b / t, m, d]`` context of the temporal cross-attention (None: with
+        ``config.temporal.use_spatial_context`` the first frame's ``encoder_hidden_states``).
       cond_latents: ``[b / t, t, h, w, out_channels]`` (or frame-folded ``[b, h, w, out_channels]``) latents of
         the context frames (``temporal.mask_conditioning`` only; None = zeros). Unknown frames' values never
         matter: they are multiplied by the mask.

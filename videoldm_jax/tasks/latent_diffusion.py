@@ -5,6 +5,10 @@ Param tree (top-level keys match the converted-checkpoint format)::
   unet/...            spatial layers (+ ``temporal`` layers in the video U-Net: ``*temporal*`` in their paths)
   vae/...             KL autoencoder, always frozen (latents on the fly from pixels, or pre-encoded batches)
   text_encoder/...    CLIP text encoder, frozen (text conditioning)
+  temporal_text_encoder/...  with ``config.model.temporal_text_encoder``: a second CLIP text encoder (same
+                      architecture), frozen, whose tokens the temporal cross-attention reads instead of the spatial
+                      context (a personalized backbone keeps the encoder its temporal layers trained with, paper
+                      Sec. 4.2; ``videoldm_jax.personalize``)
   label_encoder/...   label tokens (label conditioning, e.g. RDS day/night + crowdedness)
 
 ``image``: ``config.trainable`` usually ``^(unet|label_encoder)/.*``; the U-Net is the plain image U-Net.
@@ -26,6 +30,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import einops
@@ -186,6 +191,7 @@ class LatentDiffusionTask(Task):
         self.unet_config, temporal=dataclasses.replace(self.unet_config.temporal, position_window=window)), **kw)
     self.vae = vae_lib.AutoencoderKL(self.vae_config, **kw)
     self.text_encoder = clip_lib.CLIPTextEncoder(self.text_config, **kw) if self.text_config else None
+    self.temporal_text = self.text_encoder is not None and bool(config.model.get("temporal_text_encoder", False))
     self.label_encoder = None
     if config.model.conditioning == "labels":
       self.label_encoder = LabelEncoder(tuple(config.model.label_classes), tuple(config.model.label_fields),
@@ -253,6 +259,8 @@ class LatentDiffusionTask(Task):
                          f"config.model.label_classes {tuple(config.model.label_classes)} differ in length")
     if config.model.conditioning == "text" and not config.model.text_encoder:
       raise ValueError("config.model.text_encoder is empty but config.model.conditioning='text'")
+    if config.model.get("temporal_text_encoder", False):
+      cls._check_temporal_text_encoder(config)
     vc = vae_config(config)
     f = cls.spatial_factor(config)
     if config.data.source != data_pipeline.LATENTS:
@@ -276,6 +284,18 @@ class LatentDiffusionTask(Task):
           raise ValueError(f"the latents in config.data.data_dir={config.data.data_dir!r} are scaled by {scale} "
                            f"(config.data.latent_scale or its {data_pipeline.LATENT_INFO_FILE}) but the model's "
                            f"VAE decodes with scaling_factor {vc.scaling_factor} (config.model.vae_overrides)")
+
+  @classmethod
+  def _check_temporal_text_encoder(cls, config) -> None:
+    key = "config.model.temporal_text_encoder=True"
+    if config.stage in cls.image_stages or config.model.conditioning != "text":
+      raise ValueError(f"{key}: a second text encoder for the temporal layers needs a video stage conditioned on "
+                       f"text (stage {config.stage!r}, config.model.conditioning={config.model.conditioning!r})")
+    if not unet_config(config).temporal.cross_attention:
+      raise ValueError(f"{key} but config.model.temporal.cross_attention is False: the temporal layers read no text")
+    if re.fullmatch(config.trainable, "temporal_text_encoder/final_layer_norm/scale"):
+      raise ValueError(f"{key}: config.trainable={config.trainable!r} matches the temporal text encoder, which "
+                       "stays frozen; exclude it, e.g. '(?!temporal_text_encoder/).*temporal.*'")
 
   @classmethod
   def spatial_factor(cls, config) -> int:
@@ -314,6 +334,9 @@ class LatentDiffusionTask(Task):
               "vae": self.vae.init(r_vae, vae_lib.example_image(self.vae_config))["params"]}
     if self.text_encoder is not None:
       params["text_encoder"] = self.text_encoder.init(r_cond, jnp.zeros((1, 77), jnp.int32))["params"]
+    if self.temporal_text:  # its own key: the other params' init stays what it was without it
+      params["temporal_text_encoder"] = self.text_encoder.init(jax.random.fold_in(r_cond, 1),
+                                                               jnp.zeros((1, 77), jnp.int32))["params"]
     if self.label_encoder is not None:
       labels = {k: jnp.zeros((1,), jnp.int32) for k in self.label_encoder.fields}
       params["label_encoder"] = self.label_encoder.init(r_cond, labels)["params"]
@@ -375,10 +398,15 @@ class LatentDiffusionTask(Task):
     return batch
 
   # ----- model pieces -------------------------------------------------------------------------------------------
-  def context(self, params, batch) -> jax.Array:
-    """Conditioning tokens ``[b, n, d]`` (frozen or trainable encoders, looked up in the merged tree)."""
+  def context(self, params, batch):
+    """Conditioning tokens ``[b, n, d]`` (frozen or trainable encoders, looked up in the merged tree); with
+    ``config.model.temporal_text_encoder`` ``{"spatial": [b, n, d], "temporal": [b, n, d]}``, each text encoder's
+    tokens for the same captions (``denoise`` takes either; a dropped caption is each encoder's own null text)."""
     if self.text_encoder is not None:
       out = self.text_encoder.apply({"params": params["text_encoder"]}, batch["caption_ids"])
+      if self.temporal_text:
+        temporal = self.text_encoder.apply({"params": params["temporal_text_encoder"]}, batch["caption_ids"])
+        return {"spatial": out["last_hidden_state"], "temporal": temporal["last_hidden_state"]}
       return out["last_hidden_state"]
     if self.label_encoder is not None:
       return self.label_encoder.apply({"params": params["label_encoder"]}, batch["labels"]).astype(self.dtype)
@@ -408,12 +436,16 @@ class LatentDiffusionTask(Task):
     return jax.lax.stop_gradient(einops.rearrange(z, "(b t) h w c -> b t h w c", b=b))
 
   def denoise(self, params, x_t, t, context, *, unet: Optional[nn.Module] = None, **unet_kwargs) -> jax.Array:
-    """``x_t`` ``[b, t, h, w, c]``, ``t`` ``[b]``, ``context`` ``[b, n, d]`` -> prediction ``[b, t, h, w, c]``.
+    """``x_t`` ``[b, t, h, w, c]``, ``t`` ``[b]``, ``context`` ``[b, n, d]`` (or ``context()``'s two-encoder dict:
+    the temporal layers then cross-attend to its ``"temporal"`` tokens) -> prediction ``[b, t, h, w, c]``.
     ``unet``: the module to apply (default: the training U-Net; ``sample_unet`` at sampling). ``unet_kwargs`` go
     to the U-Net as they are (e.g. the mask conditioning of the predictor)."""
     b, nt = x_t.shape[:2]
     x = einops.rearrange(x_t, "b t h w c -> (b t) h w c")
     kw = dict(unet_kwargs)
+    if isinstance(context, dict):
+      kw["temporal_context"] = context["temporal"]  # [b, n, d], one per video
+      context = context["spatial"]
     if self.video:
       kw.update(num_frames=nt, image_only_indicator=jnp.zeros((b, nt), jnp.float32))
     out = (unet or self.unet).apply({"params": params["unet"]}, x, jnp.repeat(t, nt), jnp.repeat(context, nt, axis=0),

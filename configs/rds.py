@@ -121,6 +121,7 @@ def get_config(arg=None):
     c.data.height, c.data.width = 512, 1024
     c.data.cond_drop_prob = 0.0
     c.model.conditioning = "none"  # the low-res clip and its noise level are the conditioning
+    c.sampling.guidance_scale = 1.0  # nothing to guide on
     # No attention at the three high-resolution levels (millions of pixels); the noise level is the class label.
     c.model.unet_overrides = dict(c.model.unet_overrides, in_channels=6, out_channels=3, num_class_embeds=1000,
                                   down_block_types=("DownBlock2D",) * 3 + ("CrossAttnDownBlock2D",),

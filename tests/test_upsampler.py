@@ -82,6 +82,11 @@ def test_image_upsampler_trains_on_crops_and_samples_whole_frames(runs):
   a = task.upsample(params, low, batch, jax.random.PRNGKey(1), noise_level=0)
   b = task.upsample(params, low, batch, jax.random.PRNGKey(1), noise_level=300)
   assert float(jnp.abs(a - b).mean()) > 1e-3
+  # The image model applied to a clip (the image arm of benchmarks/video_upsampler.py): frame by frame, a noise
+  # level per frame.
+  clip = jnp.concatenate([low[:, :1]] * 3, axis=1)
+  out = task.upsample(params, clip, batch, jax.random.PRNGKey(2))
+  assert out.shape == (2, 3) + HIGH + (3,) and bool(jnp.all(jnp.isfinite(out)))
 
 
 def test_video_upsampler_trains_temporal_layers_on_the_frozen_image_model(runs):

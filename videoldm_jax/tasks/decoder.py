@@ -166,7 +166,8 @@ class DecoderTask(AutoencoderTask):
       images = self.vae.apply({"params": p}, frames.astype(self.dtype), n, method="decode")
       return einops.rearrange(vae_lib.to_uint8(images), "(b t) h w c -> b t h w c", b=b)
 
-    return functools.partial(jax.jit(decode, compiler_options=aot.compiler_options(self.config)), params)
+    copts = aot.compiler_options(self.config, execution_bound=True)  # called once per window
+    return functools.partial(jax.jit(decode, compiler_options=copts), params)
 
   def pipeline_step(self, trainable, frozen) -> pipeline.Step:
     halo = vae_lib.temporal_receptive_field(self.vae_config)

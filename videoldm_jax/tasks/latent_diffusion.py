@@ -491,7 +491,7 @@ class LatentDiffusionTask(Task):
 
   def latent_decoder(self, trainable, frozen) -> Callable:
     """Jitted ``latents [b, n, h, w, c] -> uint8 [b, n, H, W, 3]`` with this stage's frozen VAE."""
-    fn = jax.jit(self.decode_latents, compiler_options=aot.compiler_options(self.config))
+    fn = jax.jit(self.decode_latents, compiler_options=aot.compiler_options(self.config, execution_bound=True))
     return functools.partial(fn, optim.merge(trainable, frozen))
 
   def pipeline_step(self, trainable, frozen) -> pipeline.Step:

@@ -213,7 +213,7 @@ class MaskedTask(LatentDiffusionTask):
   def pipeline_step(self, trainable, frozen) -> pipeline.Step:
     """Predictor: the key frames extended window by window (``pipeline.Rollout``); interpolator: ``stride``x
     more frames per pass, one pass per regime (``pipeline.Interpolation``)."""
-    copts = aot.compiler_options(self.config)
+    copts = aot.compiler_options(self.config, execution_bound=True)
     if self.interpolator:
       window = pipeline.interpolator_step(self, copts)
       return pipeline.Interpolation(self.config.stage, functools.partial(window, trainable, frozen),

@@ -153,6 +153,9 @@ class UpsamplerTask(LatentDiffusionTask):
     return c
 
   def predict(self, params, x_t, t, cond, level, context) -> jax.Array:
+    """Noise prediction for clips ``x_t`` ``[b, t, h, w, c]`` with their conditioning ``cond`` and ``level`` ``[b]``."""
+    if not self.video:  # the image model folds the frames into the batch: a label per frame (the video U-Net repeats)
+      level = jnp.repeat(level, x_t.shape[1])
     return self.denoise(params, jnp.concatenate([x_t, cond], axis=-1).astype(self.dtype), t, context,
                         class_labels=level)
 
@@ -201,7 +204,8 @@ class UpsamplerTask(LatentDiffusionTask):
     channels = 3 if self.pixels else self.vae_config.latent_channels
     cond = self.condition(low_res, level, jax.random.normal(r_aug, low_res.shape), size)
     context = self.context(params, batch)
-    scale = float(sc.guidance_scale)
+    # Unconditional but for the low-res clip (config.model.conditioning "none"): guidance would only double the calls.
+    scale = 1.0 if self.config.model.conditioning == "none" else float(sc.guidance_scale)
 
     def model_fn(x, ts, ctx):  # x [(k n), t, ...] for k stacked conditions
       k = x.shape[0] // n
@@ -250,7 +254,7 @@ class UpsamplerTask(LatentDiffusionTask):
       x = low_res.astype(jnp.float32) / 127.5 - 1.0
       return vae_lib.to_uint8(self.upsample(optim.merge(p, f), x, cond, rng))
 
-    jitted = jax.jit(fn, compiler_options=aot.compiler_options(self.config))
+    jitted = jax.jit(fn, compiler_options=aot.compiler_options(self.config, execution_bound=True))
     return functools.partial(jitted, trainable, frozen)
 
   def pipeline_step(self, trainable, frozen) -> pipeline.Step:

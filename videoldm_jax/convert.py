@@ -28,6 +28,7 @@ PyTorch pickles are only read with ``torch.load(weights_only=True)``; nothing in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -566,10 +567,7 @@ def save_converted(output: str, configs: Mapping, params: Mapping, schedule: Map
   output = os.path.abspath(output)
   if os.path.exists(output) and not overwrite:
     raise ConversionError(f"{output}: already exists (pass --overwrite to replace it)")
-  parent = os.path.dirname(output)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
-  try:
+  with atomic_directory(output) as tmp:
     meta = {"format": FORMAT, "source": source, "dtype": dtype_name, "schedule": dict(schedule),
             "components": {name: config_to_dict(cfg) for name, cfg in configs.items()}, **(metadata or {})}
     with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -578,6 +576,17 @@ def save_converted(output: str, configs: Mapping, params: Mapping, schedule: Map
       for name, tree in params.items():
         ckptr.save(os.path.join(tmp, name), tree)
       ckptr.wait_until_finished()
+
+
+@contextlib.contextmanager
+def atomic_directory(output: str):
+  """Yields a fresh temporary sibling of ``output`` to fill; when the block succeeds it replaces ``output``, when
+  it raises it is removed, so ``output`` is never left half-written."""
+  parent = os.path.dirname(os.path.abspath(output))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+  try:
+    yield tmp
     if os.path.exists(output):
       shutil.rmtree(output)
     os.rename(tmp, output)

@@ -14,14 +14,12 @@ import dataclasses
 import os
 from typing import Any, Dict, Optional, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
-from videoldm_jax import checkpoint, config_lib, optim, parallel, tasks, video_io, workdirs
+from videoldm_jax import checkpoint, config_lib, parallel, tasks, video_io, workdirs
 
 DEFAULT_SIZE = (576, 1024)  # SVD's training and default sampling size
 DEFAULT_FRAMES = 14
@@ -73,14 +71,7 @@ def load(source: str, config: ml_collections.ConfigDict, mesh) -> Tuple[Any, Any
   checkpoint: every param must be there, nothing is initialised at random)."""
   if checkpoint.is_training_config(os.path.join(source, "config.json")):
     return workdirs.load_trained(source, config, mesh)
-  task = tasks.get("svd")(config)
-  boxed = jax.eval_shape(task.init, jax.random.key(0, impl="rbg"))
-  shardings = parallel.param_shardings(boxed, mesh, parallel.logical_rules(config))
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
-                          shardings)
-  loaded = checkpoint.load_model_init(source, optim.flat_paths(abstract), missing_ok="", use_ema=True)
-  trainable, frozen = optim.split(traverse_util.unflatten_dict(loaded, sep=optim.SEP), config.trainable)
-  return task, trainable, frozen
+  return workdirs.load_params(source, config, mesh)
 
 
 def run_config(source: str) -> Tuple[ml_collections.ConfigDict, int]:

@@ -37,7 +37,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import typing
 from typing import Any, Callable, Dict, Mapping, Optional
 
@@ -242,10 +241,7 @@ def personalize(workdir: str, personalized: str, output: str, *, text_encoder: s
   run["model_init"] = os.path.join(output, BACKBONE)
   run["model_init_skip"] = ""  # the backbone holds every param at its shape
   run["resume"] = ""
-  parent = os.path.dirname(output)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
-  try:
+  with convert.atomic_directory(output) as tmp:
     convert.save_converted(os.path.join(tmp, BACKBONE), backbone_configs, backbone, schedule,
                            source=personalized, metadata=provenance)
     shutil.copytree(step_dir, os.path.join(tmp, "checkpoints", str(step)))
@@ -253,12 +249,6 @@ def personalize(workdir: str, personalized: str, output: str, *, text_encoder: s
       json.dump(run, f, indent=2, sort_keys=True)
     with open(os.path.join(tmp, "model_init.json"), "w") as f:
       json.dump({"model_init": run["model_init"]}, f)
-    if os.path.exists(output):
-      shutil.rmtree(output)
-    os.rename(tmp, output)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
   counts = {"spatial": len(spatial), "temporal": len(temporal)}
   log(f"unet: {len(spatial)} spatial tensors from {personalized}, {len(temporal)} temporal from {workdir} "

@@ -84,11 +84,17 @@ def load_trained(stage_dir: str, config, mesh) -> Tuple[Any, Any, Any]:
   """``(task, trainable, frozen)`` of a trained stage: trainable params from its latest checkpoint (EMA when
   saved), frozen params from its ``frozen/`` or the ``model_init`` it was started from, sharded over ``mesh``."""
   check_trained(stage_dir)
+  return load_params(stage_dir, config, mesh)
+
+
+def load_params(source: str, config, mesh) -> Tuple[Any, Any, Any]:
+  """``(task, trainable, frozen)`` of ``config``'s stage with every param from ``source`` (a training workdir or a
+  converted checkpoint; nothing is initialised at random), split by ``config.trainable``, sharded over ``mesh``."""
   task = tasks.get(config.stage)(config)
   boxed = jax.eval_shape(task.init, jax.random.key(0, impl="rbg"))
   shardings = parallel.param_shardings(boxed, mesh, parallel.logical_rules(config))
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
                           shardings)
-  loaded = checkpoint.load_model_init(stage_dir, optim.flat_paths(abstract), missing_ok="", use_ema=True)
+  loaded = checkpoint.load_model_init(source, optim.flat_paths(abstract), missing_ok="", use_ema=True)
   trainable, frozen = optim.split(traverse_util.unflatten_dict(loaded, sep=optim.SEP), config.trainable)
   return task, trainable, frozen

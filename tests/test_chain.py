@@ -105,6 +105,11 @@ def test_default_config_is_the_chain():
   config.chain = ("image", "superres")
   with pytest.raises(ValueError, match="'superres'"):
     tasks.validate(config)
+  assert tuple(config.sample_skip) == ("upsampler",)  # hours of CPU at the closing videos' length
+  config.chain, config.sample_skip = rds.CHAIN, ("superres",)
+  with pytest.raises(ValueError, match="config.sample_skip: no stage 'superres'"):
+    tasks.validate(config)
+  config.sample_skip = ()
   config.chain = ("decoder", "autoencoder")  # init_from names a stage that comes later
   with pytest.raises(ValueError, match="config.init_from.decoder='autoencoder'"):
     tasks.validate(config)

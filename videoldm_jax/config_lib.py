@@ -251,6 +251,7 @@ def chain_schema() -> ConfigDict:
       sample_videos=4,     # long videos written to WORKDIR/sample.* after the last stage (0: none)
       sample_seconds=0.0,  # their length at the final fps (0: the pipeline's default number of windows)
       sample_fvd_clips=0,  # > 0: FVD of that many 16-frame clips cut from those videos vs held-out synthetic clips
+      sample_skip=(),      # pipeline stages left out of those videos (trained all the same; sample --pipeline runs them)
       init_from=ConfigDict(),  # {stage: earlier stage or ""}: its empty model_init is that stage's workdir ("": none)
   ))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -104,7 +104,8 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
                          "--stage=base")
       return sample_pipeline(workdir, num_samples=num_samples, guidance=guidance, steps=steps, seed=seed,
                              labels=labels, prompt=prompt, output=output, upscale=upscale, progress=progress,
-                             seconds=run.get("sample_seconds") or None, decoder=decoder, upsampler=upsampler)
+                             seconds=run.get("sample_seconds") or None, decoder=decoder, upsampler=upsampler,
+                             skip=tuple(run.get("sample_skip") or ()))
   for flag, value in (("decoder", decoder), ("upsampler", upsampler)):
     if value:
       raise ValueError(f"--{flag}={value}: pipeline stages are swapped in pipeline mode (a chain workdir or "
@@ -148,14 +149,14 @@ def sample_pipeline(spec: str, *, num_samples: int = 4, seconds: Optional[float]
                     steps: Optional[int] = None, seed: int = 0, labels: Optional[Dict[str, int]] = None,
                     prompt: Optional[str] = None, output: Optional[str] = None, upscale: int = 0,
                     progress: bool = True, decoder: Optional[str] = None,
-                    upsampler: Optional[str] = None) -> Dict[str, Any]:
-  """Long videos through the pipeline stages of ``spec`` (a chain's workdir or a comma list of stage workdirs;
+                    upsampler: Optional[str] = None, skip: Sequence[str] = ()) -> Dict[str, Any]:
+  """Long videos through the pipeline stages of ``spec`` but those named in ``skip`` (a chain's workdir or a comma list of stage workdirs;
   ``workdirs.pipeline_stage_dirs``), in the order their tasks declare; writes OUTPUT.{mp4,gif,png} (default: the
   first workdir's ``sample``) at the final fps. ``decoder``: a ``decoder``-stage workdir whose video decoder decodes
   the final latents instead of the one ``spec`` has (or the key-frame stage's image decoder); ``upsampler``: an
   ``upsampler`` workdir, the last step. Returns the paths, ``videos`` uint8 ``[n, t, h, w, 3]``, ``fps`` and
   ``num_key_frames``."""
-  dirs = workdirs.pipeline_stage_dirs(spec)
+  dirs = {s: d for s, d in workdirs.pipeline_stage_dirs(spec).items() if s not in skip}
   for name, path in (("decoder", decoder), ("upsampler", upsampler)):
     if path:
       stage = workdirs.load_run_config(path).get("stage")

@@ -126,6 +126,9 @@ def _validate_chain(config) -> None:
       raise ValueError(f"config.stages.{s}: {e}") from None
   for i, s in enumerate(config.chain):
     config_lib.chain_init_stage(config, s, config.chain[i - 1] if i else None)
+  for s in config.sample_skip:
+    if s not in config.chain:
+      raise ValueError(f"config.sample_skip: no stage {s!r} in config.chain {tuple(config.chain)}")
   for s in config.init_from:
     if s not in config.chain:
       raise ValueError(f"config.init_from.{s}: no stage {s!r} in config.chain {tuple(config.chain)}")

@@ -141,7 +141,8 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
   return nn.gelu(x, approximate=True)
 
 
-def _embed(num: int, features: int, *, name: str, axes, dtype: Dtype, param_dtype: Dtype, std: float) -> nn.Embed:
+def embed_table(num: int, features: int, *, name: str, axes, dtype: Dtype, param_dtype: Dtype, std: float) -> nn.Embed:
+  """A learned ``[num, features]`` table (tokens, positions) with normal(std) init and logical ``axes``."""
   return nn.Embed(num, features, dtype=dtype, param_dtype=param_dtype, name=name,
                   embedding_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes))
 
@@ -156,10 +157,10 @@ class CLIPTextEmbeddings(nn.Module):
   def __call__(self, input_ids: jax.Array) -> jax.Array:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    tokens = _embed(cfg.vocab_size, cfg.hidden_size, name="token_embedding", axes=("vocab", "embed"), std=0.02,
+    tokens = embed_table(cfg.vocab_size, cfg.hidden_size, name="token_embedding", axes=("vocab", "embed"), std=0.02,
                     **kw)(input_ids)
     # 77 rows rarely divide a mesh axis, so the position table is only sharded along "embed".
-    positions = _embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embedding",
+    positions = embed_table(cfg.max_position_embeddings, cfg.hidden_size, name="position_embedding",
                        axes=(None, "embed"), std=0.01, **kw)(jnp.arange(input_ids.shape[-1]))
     return tokens + positions[None]
 

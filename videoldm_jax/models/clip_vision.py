@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from videoldm_jax.models.clip import ACTIVATIONS, CLIPEncoder, CLIPTextConfig
+from videoldm_jax.models.clip import ACTIVATIONS, CLIPEncoder, CLIPTextConfig, embed_table
 from videoldm_jax.models.layers import conv, dense, layer_norm
 
 Dtype = Any
@@ -122,8 +122,8 @@ class CLIPVisionEmbeddings(nn.Module):
                      (cfg.hidden_size,), self.param_dtype)
     cls = jnp.broadcast_to(cls.astype(patches.dtype), (patches.shape[0], 1, cfg.hidden_size))
     x = jnp.concatenate([cls, patches], axis=1)
-    positions = nn.Embed(cfg.num_positions, cfg.hidden_size, name="position_embedding", **kw,
-                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")))
+    positions = embed_table(cfg.num_positions, cfg.hidden_size, name="position_embedding", axes=(None, "embed"),
+                            std=0.02, **kw)
     if x.shape[1] != cfg.num_positions:
       raise ValueError(f"{x.shape[1]} tokens for {cfg.num_positions} positions: images must be "
                        f"{cfg.image_size}x{cfg.image_size}, got {pixel_values.shape[1:3]}")

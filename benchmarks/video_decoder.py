@@ -22,15 +22,12 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
+import stage_runs
 from configs import rds
-from videoldm_jax import config_lib, optim, parallel, train, workdirs
 from videoldm_jax.evaluation import fvd
-from videoldm_jax.models import vae as vae_lib
 from videoldm_jax.tasks.autoencoder import psnr
 from videoldm_jax.tasks.decoder import flicker_error
 
@@ -46,12 +43,6 @@ FRAMES = 16  # FVD clip length
 FPS = 30.0   # the pipeline's final frame rate, where the decoder works
 
 
-def _train(config, workdir: str) -> str:
-  if not train.finished(config, workdir):
-    train.train_and_evaluate(config, workdir)
-  return workdir
-
-
 def _arm_dirs(root: str, ae_dir: str, steps: int, seed: int):
   image_ft = rds.get_config("stage=autoencoder,runlocal")
   video = rds.get_config("stage=decoder,runlocal")
@@ -64,29 +55,8 @@ def _arm_dirs(root: str, ae_dir: str, steps: int, seed: int):
   # Same frames per step: the video arm's batch of clips x clip length.
   image_ft.batch_size = video.batch_size * video.data.num_frames
   image_ft.trainable = r"vae/(decoder|post_quant_conv)/.*|discriminator/.*"
-  return {"image": ae_dir, "image_ft": _train(image_ft, os.path.join(root, f"image_ft_{steps}_{seed}")),
-          "video": _train(video, os.path.join(root, f"video_{steps}_{seed}"))}
-
-
-def _reconstruct(stage_dir: str, clips: np.ndarray, sample: bool) -> np.ndarray:
-  """uint8 clips ``[n, t, h, w, 3]`` -> their reconstructions through the workdir's VAE (posterior mode, or a
-  sample with a fixed seed per clip, the same for every arm: they share the frozen encoder)."""
-  config = workdirs.load_run_config(stage_dir)
-  config.mesh = config_lib.mesh_defaults()  # data parallel over this machine's devices
-  mesh = parallel.make_mesh(config)
-  task, trainable, frozen = workdirs.load_trained(stage_dir, config, mesh)
-  vae_params = optim.merge({k: v for k, v in trainable.items() if k != "discriminator"}, frozen)["vae"]
-  video = bool(task.vae_config.temporal_decoder)
-
-  @jax.jit
-  def fn(params, clip, rng):  # [t, h, w, 3] in [-1, 1]
-    posterior = vae_lib.DiagonalGaussian(task.vae.apply({"params": params}, clip, method="encode"))
-    z = posterior.sample(rng) if sample else posterior.mode()
-    return task.vae.apply({"params": params}, z, clip.shape[0] if video else None, method="decode")
-
-  out = [np.asarray(fn(vae_params, jnp.asarray(c, jnp.float32) / 127.5 - 1.0, jax.random.PRNGKey(i)))
-         for i, c in enumerate(clips)]
-  return np.clip(np.round((np.stack(out) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  return {"image": ae_dir, "image_ft": stage_runs.trained(image_ft, os.path.join(root, f"image_ft_{steps}_{seed}")),
+          "video": stage_runs.trained(video, os.path.join(root, f"video_{steps}_{seed}"))}
 
 
 def main(argv):
@@ -97,7 +67,7 @@ def main(argv):
   if not ae_dir:
     ae = rds.get_config("stage=autoencoder,runlocal")
     ae.total_steps = rds.RUNLOCAL_CHAIN_STEPS["autoencoder"]
-    ae_dir = _train(ae, os.path.join(root, "autoencoder"))
+    ae_dir = stage_runs.trained(ae, os.path.join(root, "autoencoder"))
   dirs = _arm_dirs(root, ae_dir, FLAGS.steps, FLAGS.seed)
   config = rds.get_config("stage=decoder,runlocal")
   h, w = int(config.data.height), int(config.data.width)
@@ -113,7 +83,7 @@ def main(argv):
   print(f"{'arm':10s} {'latents':8s} {'L1':>8s} {'PSNR dB':>8s} {'flicker':>8s} {'rec FVD':>8s}")
   for name in FLAGS.rows:
     for latents in ("mode", "sample"):
-      rec = _reconstruct(dirs[name], clips, latents == "sample")
+      rec = stage_runs.reconstruct(dirs[name], clips, latents == "sample")
       y = jnp.asarray(rec, jnp.float32) / 127.5 - 1.0
       row = {"l1": float(jnp.mean(jnp.abs(y - x))),
              "psnr": float(jnp.mean(psnr(x.reshape((-1,) + x.shape[2:]), y.reshape((-1,) + y.shape[2:])))),

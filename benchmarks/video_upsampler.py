@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from configs import rds
-from videoldm_jax import config_lib, optim, parallel, train, workdirs
+import stage_runs
 from videoldm_jax.evaluation import fvd
 from videoldm_jax.models import vae as vae_lib
 from videoldm_jax.tasks.autoencoder import psnr
@@ -45,45 +44,18 @@ flags.DEFINE_integer("seed", 0, "seed of the runs")
 FRAMES, FPS = 16, 30.0
 
 
-def _trained(config, workdir: str) -> str:
-  if not train.finished(config, workdir):
-    train.train_and_evaluate(config, workdir)
-  return workdir
-
-
-def _stage(stage: str, steps: int, seed: int):
-  c = rds.get_config(f"stage={stage},runlocal")
-  c.total_steps, c.seed, c.sample_every_steps, c.checkpoint_every_steps = steps, seed, 0, steps
-  c.eval_every_steps = 0  # the comparison below is the evaluation; whole-frame evals would triple the run time
-  return c
-
-
-def _upsample_fn(stage_dir: str, sampler_steps: int):
-  config = workdirs.load_run_config(stage_dir)
-  config.mesh = config_lib.mesh_defaults()
-  config.sampling.num_steps = sampler_steps
-  task, trainable, frozen = workdirs.load_trained(stage_dir, config, parallel.make_mesh(config))
-  params = optim.merge(trainable, frozen)
-  cond = {"cond_mask": jnp.ones((1,), jnp.float32)}  # no conditioning besides the low-res clip
-  fn = jax.jit(lambda p, low, rng: vae_lib.to_uint8(task.upsample(p, low, cond, rng)))
-  window = int(config.data.num_frames) if task.video else FRAMES  # the image model: the whole clip at once
-  return lambda low, rng: np.concatenate(
-      [np.asarray(fn(params, low[:, i:i + window], jax.random.fold_in(rng, i))) for i in range(0, FRAMES, window)],
-      axis=1)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   root, steps, seed = FLAGS.workdir, FLAGS.steps, FLAGS.seed
-  pre = _trained(_stage("upsampler_image", FLAGS.pretrain_steps, seed),
-                 os.path.join(root, f"pretrain_{FLAGS.pretrain_steps}_{seed}"))
-  image = _stage("upsampler_image", FLAGS.pretrain_steps + steps, seed)
+  pre = stage_runs.trained(stage_runs.stage_config("upsampler_image", FLAGS.pretrain_steps, seed),
+                           os.path.join(root, f"pretrain_{FLAGS.pretrain_steps}_{seed}"))
+  image = stage_runs.stage_config("upsampler_image", FLAGS.pretrain_steps + steps, seed)
   image.resume = pre
-  video = _stage("upsampler", steps, seed)
+  video = stage_runs.stage_config("upsampler", steps, seed)
   video.model_init = pre
-  dirs = {"image": _trained(image, os.path.join(root, f"image_{steps}_{seed}")),
-          "video": _trained(video, os.path.join(root, f"video_{steps}_{seed}"))}
+  dirs = {"image": stage_runs.trained(image, os.path.join(root, f"image_{steps}_{seed}")),
+          "video": stage_runs.trained(video, os.path.join(root, f"video_{steps}_{seed}"))}
 
   h, w = int(video.data.height), int(video.data.width)
   clips = fvd.synthetic_videos(FLAGS.clips, FRAMES, h, w, fps=FPS)
@@ -101,7 +73,7 @@ def main(argv):
   bilinear = np.asarray(vae_lib.to_uint8(jax.image.resize(low, x.shape, method="linear")))
   outputs = {"bilinear": (bilinear, None)}
   for name, d in dirs.items():
-    fn = _upsample_fn(d, FLAGS.sampler_steps)
+    fn = stage_runs.upsample_fn(d, FLAGS.sampler_steps)
     fn(np.asarray(low[:1]), jax.random.PRNGKey(0))  # compile
     t0 = time.time()
     out = np.concatenate([fn(np.asarray(low[i:i + 1]), jax.random.PRNGKey(i)) for i in range(FLAGS.clips)])

@@ -270,6 +270,30 @@ def test_temporal_layers_mix_frames_only_when_active(tiny_video):
       assert (others == 0).all(), others
 
 
+def test_attention_only_temporal_layers(tiny_video):
+  """``conv_blocks=False`` (the paper's attention-only ablation): the full video tree minus every 3D-conv
+  ResBlock and its mixer; with the same values for the params they share it still mixes frames (attention), and
+  it differs from the full model (the conv blocks act)."""
+  params, x, ts, ctx = (tiny_video[k] for k in ("params", "x", "ts", "ctx"))
+  cfg = dataclasses.replace(tiny_video["video_cfg"], temporal=dataclasses.replace(tiny_video["video_cfg"].temporal,
+                                                                                  conv_blocks=False))
+  shapes = _shapes(unet_lib.abstract_params(cfg))
+  full = _shapes(params)
+  dropped = set(full) - set(shapes)
+  assert not set(shapes) - set(full)
+  assert dropped and all("/temporal_res/" in k or ("resnets_" in k and "/temporal_mixer/" in k) for k in dropped)
+  assert any("temporal_transformer_blocks" in k for k in shapes)
+  kept = unflatten_paths([(p, leaf) for p, leaf in flatten_paths(params) if "/".join(p) in shapes])
+  apply = jax.jit(lambda p, x: unet_lib.UNet(cfg).apply({"params": p}, x, ts, ctx))
+  out = np.asarray(apply(kept, x))
+  x2 = x.at[:, 1].add(1.0)
+  delta = np.abs(np.asarray(apply(kept, x2)) - out).max(axis=(0, 2, 3, 4))
+  assert (delta > 1e-5).all(), delta  # frame 1's change reaches frames 0 and 2 through temporal attention
+  assert np.abs(out - np.asarray(tiny_video["apply"](params, x, None))).max() > 1e-3
+  with pytest.raises(ValueError, match="conv_blocks=False"):
+    TemporalConfig(conv_blocks=False, mask_conditioning=True)
+
+
 def test_folded_frames_and_per_frame_inputs_agree(tiny_video):
   params, x, ts, ctx, apply = (tiny_video[k] for k in ("params", "x", "ts", "ctx", "apply"))
   b, t = x.shape[:2]

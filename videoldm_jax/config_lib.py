@@ -189,10 +189,11 @@ def apply_variant(config: ConfigDict, name: str) -> ConfigDict:
 def video_temporal(**overrides) -> Dict[str, Any]:
   """Video LDM temporal layers: learned α with image-only passthrough, temporal cross-attention to the context.
 
-  The LoRA keys (off by default) are listed so that ``--config.model.temporal.lora_rank=8`` can override them.
+  The LoRA keys (off by default) and ``conv_blocks`` are listed so that the command line can override them
+  (``--config.model.temporal.lora_rank=8``, ``--config.model.temporal.conv_blocks=False`` for attention only).
   """
   return dict(dict(merge_strategy="learned_with_images", merge_factor=0.5, cross_attention=True, lora_rank=0,
-                   lora_alpha=0.0, lora_convs=False), **overrides)
+                   lora_alpha=0.0, lora_convs=False, conv_blocks=True), **overrides)
 
 
 def runlocal(config: ConfigDict) -> ConfigDict:

@@ -48,7 +48,7 @@ def _model_context(config, mesh):
     yield
 
 
-def _sampling_config(stage_dir: str, num_samples: int, *, guidance=None, steps=None, context_guidance=None):
+def sampling_config(stage_dir: str, num_samples: int, *, guidance=None, steps=None, context_guidance=None):
   """A stage's run config set up to sample ``num_samples`` videos on this machine: a data-parallel mesh over the
   local devices (the training mesh may not fit here) and the requested sampler settings (those the stage has)."""
   config = workdirs.load_run_config(stage_dir)
@@ -111,7 +111,7 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
       raise ValueError(f"--{flag}={value}: pipeline stages are swapped in pipeline mode (a chain workdir or "
                        "--pipeline)")
   stage_dir = workdirs.resolve_stage(workdir, stage)
-  config, mesh = _sampling_config(stage_dir, num_samples, guidance=guidance, steps=steps)
+  config, mesh = sampling_config(stage_dir, num_samples, guidance=guidance, steps=steps)
   trained_frames = int(config.data.num_frames)
   if num_frames:
     if config.model.get("temporal") is None and int(num_frames) != int(config.data.num_frames):
@@ -165,7 +165,7 @@ def sample_pipeline(spec: str, *, num_samples: int = 4, seconds: Optional[float]
       dirs[name] = path
   loaded = []
   for name, d in sorted(dirs.items(), key=lambda kv: tasks.get(kv[0]).pipeline_order(kv[0])):
-    config, mesh = _sampling_config(d, num_samples, guidance=guidance, steps=steps,
+    config, mesh = sampling_config(d, num_samples, guidance=guidance, steps=steps,
                                     context_guidance=context_guidance)
     config.sampling.num_samples = num_samples
     loaded.append((*workdirs.load_trained(d, config, mesh), mesh))

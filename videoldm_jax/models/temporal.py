@@ -88,6 +88,8 @@ class TemporalConfig:
       them alone with ``config.trainable = ".*/lora/.*"``; ``videoldm_jax.lora`` merges and exports them).
     lora_alpha: adapter scale ``alpha / rank`` (0 = rank, i.e. scale 1).
     lora_convs: adapters on the temporal ResBlocks' 3D convs too (conv1 / conv2).
+    conv_blocks: the 3D-conv ``temporal_res`` blocks (and their ``temporal_mixer``) after the spatial ResNet
+      blocks; False leaves only the temporal attention (the paper's "attention only" ablation, Tab. 1 / Sec. 4.1).
   """
   merge_strategy: str = "learned_with_images"
   merge_factor: float = 0.5
@@ -107,8 +109,12 @@ class TemporalConfig:
   lora_rank: int = 0
   lora_alpha: float = 0.0
   lora_convs: bool = False
+  conv_blocks: bool = True
 
   def __post_init__(self):
+    if not self.conv_blocks and (self.mask_conditioning or self.lora_convs):
+      raise ValueError("conv_blocks=False: the mask conditioning and the conv LoRA live in the temporal ResBlocks "
+                       f"(mask_conditioning={self.mask_conditioning}, lora_convs={self.lora_convs})")
     if self.merge_strategy not in MERGE_STRATEGIES:
       raise ValueError(f"merge_strategy must be one of {MERGE_STRATEGIES}, got {self.merge_strategy!r}")
     if self.num_regimes < 0 or (self.num_regimes and not self.mask_conditioning):

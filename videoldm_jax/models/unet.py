@@ -354,7 +354,7 @@ class ResnetBlock2D(nn.Module):
     out = x + h
     out = out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
     tc = self.temporal
-    if tc is not None:
+    if tc is not None and tc.conv_blocks:
       if num_frames is None:
         raise ValueError("the video ResnetBlock2D needs num_frames")
       video = einops.rearrange(out, "(b t) h w c -> b t h w c", t=num_frames)

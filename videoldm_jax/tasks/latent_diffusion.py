@@ -173,7 +173,9 @@ class Tokenize:
 class LatentDiffusionTask(Task):
   """Image / key-frame video latent diffusion (see module docstring)."""
 
-  image_stages = ("image",)  # stages without temporal layers, trained on single frames
+  # Stages without temporal layers. They train on single frames; with data.num_frames > 1 every frame of a clip is
+  # its own training image (the same clips a video stage reads: benchmarks/ablations.py's equal-data image arm).
+  image_stages = ("image",)
 
   def __init__(self, config):
     self.config = config
@@ -237,9 +239,9 @@ class LatentDiffusionTask(Task):
     if config.stage in cls.image_stages:
       if config.model.temporal is not None:
         raise ValueError(f"config.model.temporal must be None for the {config.stage} stage (plain image U-Net)")
-      if int(config.data.num_frames) != 1:
-        raise ValueError(f"config.data.num_frames={config.data.num_frames}: the {config.stage} stage trains on "
-                         "single frames (1)")
+      if int(config.data.num_frames) < 1:
+        raise ValueError(f"config.data.num_frames={config.data.num_frames}: the {config.stage} stage needs >= 1 "
+                         "frames (each one its own image)")
     else:
       if config.model.temporal is None:
         raise ValueError(f"config.model.temporal is None but stage {config.stage!r} needs temporal layers")

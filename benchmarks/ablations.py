@@ -43,7 +43,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # stage_runs, when run as a script
 
@@ -82,15 +82,15 @@ REAL_SEED, FLOOR_SEED = 0, 1  # held-out synthetic streams: the reference set an
 class Budget:
   """Steps of every run, sampler steps and the evaluation size."""
   autoencoder: int = 100          # the runlocal chain's
-  image_pretrain: int = 400       # the runlocal chain's
-  temporal: int = 200             # each arm of rows 1-3 after pre-training
-  predictor: int = 200
-  decoder: int = 60
-  upsampler_pretrain: int = 150
-  upsampler: int = 60
+  image_pretrain: int = 300
+  temporal: int = 150             # each arm of rows 1-3 after pre-training
+  predictor: int = 150
+  decoder: int = 60               # the runlocal chain's
+  upsampler_pretrain: int = 150   # the runlocal chain's
+  upsampler: int = 60             # the runlocal chain's
   sampler_steps: int = 10         # DDIM, every latent row
   upsampler_sampler_steps: int = 10
-  clips: int = 32                 # held-out clips (and generated videos) per variant
+  clips: int = 24                 # held-out clips (and generated videos) per variant
   key_frames: int = 8             # frames of the key-frame clips (the base stage's)
   fast_compile: bool = False      # XLA -O0 (compile-bound smoke runs)
   clip_frames: int = 8            # frames of the decoder / upsampler training clips
@@ -197,12 +197,17 @@ def init_digest(config, source: str, pattern: str) -> str:
 
 @dataclasses.dataclass
 class Variant:
-  """One arm of a row at one seed: its workdir (None: nothing trained), what it started from and on what data."""
+  """One arm of a row at one seed: its workdir (None: nothing trained), the config it trained with (or, untrained,
+  one that describes its params), where its params started (``init_source``) and a digest of its data."""
   workdir: Optional[str]
   steps: int = 0
-  init_digest: Optional[str] = None
+  config: Any = None
+  init_source: Optional[str] = None
   data_digest: Optional[str] = None
-  trainable: str = ""
+
+  @property
+  def trainable(self) -> str:
+    return str(self.config.trainable) if self.config is not None and self.steps else ""
 
 
 class Runs:
@@ -219,16 +224,14 @@ class Runs:
       c.data.seed = seed  # the data order varies with the seed too; the variants of a row share it
     return c
 
-  def _run(self, name: str, config, init_pattern: Optional[str] = None) -> Variant:
+  def _run(self, name: str, config) -> Variant:
     if name in self._done:
       return self._done[name]
     t0 = time.time()
     d = stage_runs.trained(config, os.path.join(self.root, name))
     print(f"  run {name}: {config.stage}, {config.total_steps} steps ({time.time() - t0:.0f} s)", flush=True)
-    v = Variant(d, int(config.total_steps), trainable=str(config.trainable))
-    if init_pattern and config.model_init:
-      v.init_digest = init_digest(config, config.model_init, init_pattern)
-    v.data_digest = stage_runs.first_batches_digest(config)
+    v = Variant(d, int(config.total_steps), config, str(config.model_init) or None,
+                stage_runs.first_batches_digest(config))
     self._done[name] = v
     return v
 
@@ -253,26 +256,26 @@ class Runs:
 
   def key_image(self, seed: int) -> Variant:
     c = self._key("image", self.b.temporal, seed, model_init=self.image_pretrain(seed))
-    return self._run(f"s{seed}/key_image", c, r"(unet|label_encoder|vae)/.*")
+    return self._run(f"s{seed}/key_image", c)
 
   def key_video(self, seed: int) -> Variant:
     c = self._key("base", self.b.temporal, seed, model_init=self.image_pretrain(seed))
-    return self._run(f"s{seed}/key_video", c, r"(unet|label_encoder|vae)/.*")
+    return self._run(f"s{seed}/key_video", c)
 
   def key_attention(self, seed: int) -> Variant:
     c = self._key("base", self.b.temporal, seed, model_init=self.image_pretrain(seed),
                   **{"model.temporal.conv_blocks": False})
-    return self._run(f"s{seed}/key_attention", c, r"(unet|label_encoder|vae)/.*")
+    return self._run(f"s{seed}/key_attention", c)
 
   def key_end_to_end(self, seed: int) -> Variant:
     c = self._key("base", self.b.image_pretrain + self.b.temporal, seed, model_init=self.autoencoder(),
                   trainable=r"(unet|label_encoder)/.*", model_init_missing_ok=r"(unet|label_encoder)/.*",
                   **{"optimizer.lr": 1e-3})  # the image stage's rate: the spatial layers learn from scratch here
-    return self._run(f"s{seed}/key_end_to_end", c, r"vae/.*")
+    return self._run(f"s{seed}/key_end_to_end", c)
 
   def predictor(self, seed: int) -> Variant:
     c = self._key("predictor", self.b.predictor, seed, model_init=self.key_video(seed).workdir)
-    return self._run(f"s{seed}/predictor", c, r"(unet|label_encoder|vae)/.*")
+    return self._run(f"s{seed}/predictor", c)
 
   # Row 5: decoders, on 30 fps clips.
   def _clips(self, stage: str, steps: int, seed: int, **overrides):
@@ -282,29 +285,29 @@ class Runs:
   def decoder_image(self) -> Variant:
     """The autoencoder as trained (nothing more: its init is the others' init)."""
     ae = self.autoencoder()
-    return Variant(ae, 0, init_digest=init_digest(self._config("autoencoder", 0, 0), ae, r"vae/.*"))
+    return Variant(ae, 0, self._config("autoencoder", self.b.autoencoder, 0), init_source=ae)
 
   def decoder_image_ft(self, seed: int) -> Variant:
     video = rds.get_config("stage=decoder,runlocal")
     c = self._clips("autoencoder", self.b.decoder, seed, model_init=self.autoencoder(),
                     trainable=r"vae/(decoder|post_quant_conv)/.*|discriminator/.*", batch_size=video.batch_size,
                     **{"optimizer.lr": video.optimizer.lr, "autoencoder.disc_start": 0})
-    return self._run(f"s{seed}/decoder_image_ft", c, r"vae/.*")
+    return self._run(f"s{seed}/decoder_image_ft", c)
 
   def decoder_video(self, seed: int) -> Variant:
     c = self._clips("decoder", self.b.decoder, seed, model_init=self.autoencoder())
-    return self._run(f"s{seed}/decoder_video", c, r"vae/.*")
+    return self._run(f"s{seed}/decoder_video", c)
 
   # Row 6: pixel upsamplers, on 30 fps clips.
   def upsampler_image(self, seed: int) -> Variant:
     video = rds.get_config("stage=upsampler,runlocal")
     c = self._clips("upsampler_image", self.b.upsampler, seed, model_init=self.upsampler_pretrain(seed),
                     batch_size=video.batch_size)
-    return self._run(f"s{seed}/upsampler_image", c, r"unet/.*")
+    return self._run(f"s{seed}/upsampler_image", c)
 
   def upsampler_video(self, seed: int) -> Variant:
     c = self._clips("upsampler", self.b.upsampler, seed, model_init=self.upsampler_pretrain(seed))
-    return self._run(f"s{seed}/upsampler_video", c, r"unet/.*")
+    return self._run(f"s{seed}/upsampler_video", c)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -360,14 +363,18 @@ class Table:
     base = rds.get_config("stage=base,runlocal")
     self.h, self.w, self.key_fps = int(base.data.height), int(base.data.width), float(base.data.fps)
     self._key_scores: Dict[Any, Dict[str, Any]] = {}
+    self._digests: Dict[Any, str] = {}
 
   def _row(self, row: int, ref: Dict[str, Any], arms: Dict[str, Callable[[int], Variant]],
-           evaluate: Callable[[str, Variant, int], Dict[str, Any]], shared: str,
+           evaluate: Callable[[str, Variant, int], Dict[str, Any]], shared: str, shared_params: str,
            direction: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Scores every arm at every seed; ``shared_params``: the regex of the params the arms start from alike (their
+    digests must agree), ``shared`` says what they are in words."""
     variants: Dict[str, Dict[str, Any]] = {name: {"seeds": {}} for name in arms}
     checks = {}
     for seed in self.seeds:
       got = {name: fn(seed) for name, fn in arms.items()}
+      inits = {name: self._init_digest(v, shared_params) for name, v in got.items()}
       for name, v in got.items():
         t0 = time.time()
         scores = evaluate(name, v, seed)
@@ -375,11 +382,11 @@ class Table:
             f"{k} {x:.1f}" for k, x in scores.items() if isinstance(x, float)) + f" ({time.time() - t0:.0f} s)",
               flush=True)
         variants[name]["seeds"][str(seed)] = dict(scores, workdir=v.workdir, steps=v.steps, trainable=v.trainable,
-                                                  init_digest=v.init_digest, data_digest=v.data_digest)
-      inits = {v.init_digest for v in got.values() if v.init_digest}
-      datas = {v.data_digest for v in got.values() if v.data_digest and v.steps}
-      checks[str(seed)] = {"same_init": len(inits) <= 1, "same_data": len(datas) <= 1,
-                           "init_compared": len([v for v in got.values() if v.init_digest]),
+                                                  init_digest=inits[name], data_digest=v.data_digest)
+      init_set = {d for d in inits.values() if d}
+      data_set = {v.data_digest for v in got.values() if v.data_digest and v.steps}
+      checks[str(seed)] = {"same_init": len(init_set) == 1, "same_data": len(data_set) <= 1,
+                           "init_compared": len([d for d in inits.values() if d]),
                            "data_compared": len([v for v in got.values() if v.data_digest and v.steps])}
     for v in variants.values():
       for metric in ("fvd", "fid"):
@@ -390,8 +397,16 @@ class Table:
     return {"row": row, "name": ROWS[row][0], "paper": ROWS[row][1], "variants": variants,
             "noise_floor_fvd": ref["floor_fvd"], "noise_floor_fid": ref.get("floor_fid"),
             "reference_self_fvd": ref["self_fvd"],
-            "shared_init_params": shared, "checks": checks,
+            "shared_init_params": shared, "shared_init_pattern": shared_params, "checks": checks,
             "paper_direction": f"{better} < {worse}", "direction_holds_in_seeds": int(sum(holds))}
+
+  def _init_digest(self, v: Variant, pattern: str) -> Optional[str]:
+    if v.init_source is None:
+      return None
+    key = (v.init_source, v.config.stage, pattern)
+    if key not in self._digests:
+      self._digests[key] = init_digest(v.config, v.init_source, pattern)
+    return self._digests[key]
 
   # Rows 1-3.
   def _key_reference(self):
@@ -413,17 +428,20 @@ class Table:
   def row1(self):
     real, ref = self._key_reference()
     return self._row(1, ref, {"image": self.runs.key_image, "video": self.runs.key_video},
-                     self._key_eval(real, ref), "spatial U-Net, label tokens, VAE (the pre-trained image LDM)")
+                     self._key_eval(real, ref), "spatial U-Net, label tokens, VAE (the pre-trained image LDM)",
+                     r"(unet|label_encoder|vae)/.*")
 
   def row2(self):
     real, ref = self._key_reference()
     return self._row(2, ref, {"attention": self.runs.key_attention, "conv_attention": self.runs.key_video},
-                     self._key_eval(real, ref), "spatial U-Net, label tokens, VAE (the pre-trained image LDM)")
+                     self._key_eval(real, ref), "spatial U-Net, label tokens, VAE (the pre-trained image LDM)",
+                     r"(unet|label_encoder|vae)/.*")
 
   def row3(self):
     real, ref = self._key_reference()
     return self._row(3, ref, {"end_to_end": self.runs.key_end_to_end, "image_pretrained": self.runs.key_video},
-                     self._key_eval(real, ref), "VAE (the U-Nets start from scratch and from the image LDM)")
+                     self._key_eval(real, ref), "VAE (the U-Nets start from scratch and from the image LDM)",
+                     r"vae/.*")
 
   def row4(self):
     n, t = self.b.clips, CONTEXT + fvd.NUM_FRAMES
@@ -436,7 +454,8 @@ class Table:
       clips = rollout_videos(v.workdir, real["clips"], real["labels"], scales[name], self.b.sampler_steps, seed)
       return self.scorer.score(ref, clips)
     return self._row(4, ref, {name: self.runs.predictor for name in scales}, evaluate,
-                     "the same predictor (guidance is a sampling setting)", direction=list(scales)[::-1])
+                     "the same predictor (guidance is a sampling setting)", r"(unet|label_encoder|vae)/.*",
+                     direction=list(scales)[::-1])
 
   # Rows 5-6: 30 fps clips at the runlocal frame size (the upsampler's training patch).
   def _clip_reference(self):
@@ -454,15 +473,19 @@ class Table:
   def row5(self):
     real, ref = self._clip_reference()
 
+    scores = {}
+
     def evaluate(name, v, seed):
-      del name, seed
-      rec = stage_runs.reconstruct(v.workdir, real, sample=True)
-      mode = stage_runs.reconstruct(v.workdir, real, sample=False)
-      return dict(self.scorer.score(ref, rec), **self._quality(real, rec),
-                  fvd_posterior_mode=self.scorer.score(ref, mode)["fvd"])
+      del name, seed  # the posterior samples have fixed seeds: the untrained image arm scores once
+      if v.workdir not in scores:
+        rec = stage_runs.reconstruct(v.workdir, real, sample=True)
+        mode = stage_runs.reconstruct(v.workdir, real, sample=False)
+        scores[v.workdir] = dict(self.scorer.score(ref, rec), **self._quality(real, rec),
+                                 fvd_posterior_mode=self.scorer.score(ref, mode)["fvd"])
+      return scores[v.workdir]
     return self._row(5, ref, {"image": lambda s: self.runs.decoder_image(), "image_ft": self.runs.decoder_image_ft,
                               "video": self.runs.decoder_video}, evaluate,
-                     "VAE encoder and decoder (the trained autoencoder)")
+                     "VAE encoder and decoder (the trained autoencoder)", r"vae/.*")
 
   def row6(self):
     real, ref = self._clip_reference()
@@ -479,7 +502,7 @@ class Table:
       return dict(self.scorer.score(ref, out), **self._quality(real, out))
     return self._row(6, ref, {"bilinear": lambda s: Variant(None), "image": self.runs.upsampler_image,
                               "video": self.runs.upsampler_video}, evaluate,
-                     "spatial U-Net (the pre-trained image upsampler)")
+                     "spatial U-Net (the pre-trained image upsampler)", r"unet/.*")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def chain(tmp_path_factory):
     mp.setattr(sampling, "sample_workdir", lambda *a, **kw: calls.append((a, kw)) or {})
     mp.setattr(train, "train_and_evaluate", train_and_keep_frozen)
     results = train.train_chain(_tiny_chain_config(), str(workdir))
-  assert calls == [((str(workdir),), dict(num_samples=2, batch_size=2))]
+  assert calls == [((str(workdir),), dict(num_samples=2, batch_size=2, keep_videos=False, fvd_clips=0))]
   for name, params in frozen.items():
     results[name].frozen = params
   return workdir, results

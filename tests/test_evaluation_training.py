@@ -4,6 +4,7 @@ and reports them next to the real-vs-real noise floor."""
 
 import functools
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import rds
-from videoldm_jax import parallel, tasks, train
+from videoldm_jax import parallel, sampling, tasks, train
 from videoldm_jax.evaluation import fvd
 
 
@@ -58,9 +59,15 @@ def test_fvd_during_training(tmp_path):
 
 
 def test_closing_fvd_of_long_videos(tmp_path, capsys):
-  videos = fvd.synthetic_videos(2, 30, 16, 32, seed=7, fps=30.0)  # two "long" videos of 30 frames
-  out = train.closing_fvd(videos, 30.0, 4, tmp_path, num_frames=9)
+  videos = fvd.synthetic_videos(2, 40, 16, 32, seed=7, fps=30.0)  # two "long" videos of 40 frames
+  chunks = [videos[:, i:i + 7] for i in range(0, 40, 7)]  # streamed in as the pipeline yields them
+  got = sampling.write_stream(iter(chunks), 40, 30.0, str(tmp_path / "sample"), keep_videos=False, fvd_clips=4)
+  starts = sampling.fvd_clip_starts(40, 2, 4)
+  assert list(starts) == [0, 24] and "videos" not in got and got["num_frames"] == 40
+  np.testing.assert_array_equal(got["fvd_clips"], np.stack([videos[i, s:s + 16] for i in range(2) for s in starts]))
+  assert all(os.path.getsize(got[k]) > 0 for k in ("mp4", "gif", "png"))
+  out = train.closing_fvd(got["fvd_clips"], 30.0, tmp_path)
   assert out["num_clips"] == 4 and np.isfinite(out["fvd"]) and np.isfinite(out["noise_floor"])
   assert json.loads((tmp_path / "fvd.json").read_text()) == pytest.approx(out)
   printed = capsys.readouterr().out
-  assert "FVD of 4 clips (9 frames at 30 fps)" in printed and "noise floor" in printed
+  assert "FVD of 4 clips (16 frames at 30 fps)" in printed and "noise floor" in printed

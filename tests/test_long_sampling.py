@@ -226,7 +226,6 @@ def fake_workdir(tmp_path, monkeypatch):
   monkeypatch.setattr(workdirs, "load_trained", load_trained)
   monkeypatch.setattr(sampling, "generate", lambda task, *a, num_samples, **kw: np.zeros(
       (num_samples, int(task.config.data.num_frames), 8, 8, 3), np.uint8))
-  monkeypatch.setattr(sampling.video_io, "write_outputs", lambda *a, **kw: {})
   return tmp_path, seen
 
 

@@ -3,6 +3,7 @@ host: it fits on v5p-8 and v6e-8 with sane per-device numbers, and an absurd bat
 with the compiler's sizes instead of raising; the command line prints parseable JSON, plans a stage of a chain
 config and exits non-zero when nothing fits. Gated on libtpu (installed by the ``dev`` extra on x86_64 Linux)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -80,6 +81,14 @@ def test_tiny_base_step_fits(plans, name):
   if r.compiler_seconds is not None:
     assert 0 < r.mfu <= 1.0
   assert r.summary().startswith("fits: peak ")
+  # What the estimate covers: the attention the U-Net compiled with, and no Pallas kernel left out of it.
+  assert p.attention == "auto" and r.pallas_kernels == 0 and "Pallas" not in r.summary()
+
+
+def test_summary_says_when_pallas_kernels_are_left_out(plans):
+  r = dataclasses.replace(plans["v5p-8"].report, pallas_kernels=3)
+  assert r.summary().endswith("(estimate leaves out 3 Pallas kernel(s): no roofline term added)")
+  assert r.to_dict()["roofline_term_added"] is False
 
 
 def test_flops_scale_with_the_batch(plans):
@@ -107,6 +116,8 @@ def test_cli_plans_a_chain_stage_as_json(runs):
   assert best["report"]["fits"] and best["report"]["topology"] == "v5p-8"
   assert 0 < best["report"]["peak_bytes"] < best["report"]["hbm_bytes"]
   assert best["report"]["model_flops"] > 0 and best["report"]["summary"].startswith("fits: peak ")
+  assert best["attention"] == "auto"
+  assert best["report"]["pallas_kernels"] == 0 and best["report"]["roofline_term_added"] is False
 
 
 def test_cli_absurd_batch_exits_nonzero_with_sizes(runs):

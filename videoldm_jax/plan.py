@@ -205,6 +205,9 @@ class SlicePlan:
   mesh: Dict[str, int]
   report: aot.CompileReport
   compile_seconds: float
+  # The U-Net's attention implementation (``layers.dot_product_attention``); "auto": XLA's attention, blockwise
+  # for score matrices of ``layers.AUTO_BLOCKWISE_SCORES`` or more.
+  attention: str = "auto"
 
   def to_dict(self) -> Dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -250,7 +253,16 @@ def plan_on_topology(config, topology: str, *, num_slices: int = 1, per_device_b
   label = f"{config.stage} b{pdb}/dev remat={_remat_of(config)} {preset or config.mesh.rules}"
   return SlicePlan(label=label, per_device_batch=pdb, global_batch=int(config.batch_size), remat=_remat_of(config),
                    rules=str(config.mesh.rules), mesh={k: int(v) for k, v in mesh.shape.items()}, report=report,
-                   compile_seconds=seconds)
+                   compile_seconds=seconds, attention=attention_of(task))
+
+
+def attention_of(task) -> str:
+  """The attention implementation of ``task``'s U-Net (of its VAE for the autoencoder stages)."""
+  for name in ("unet_config", "vae_config"):
+    cfg = getattr(task, name, None)
+    if cfg is not None and hasattr(cfg, "attention_implementation"):
+      return cfg.attention_implementation or "auto"
+  return "auto"
 
 
 SEARCH_BATCHES = (1, 2, 4, 8, 16, 32)

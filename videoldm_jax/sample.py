@@ -148,8 +148,8 @@ def run(fv: flags.FlagValues) -> int:
           fv.pipeline, num_samples=fv.num_samples, seconds=fv.seconds, num_windows=fv.num_windows,
           interpolations=fv.interpolations, guidance=fv.guidance, context_guidance=fv.context_guidance,
           steps=fv.steps, seed=fv.seed, labels=parse_labels(fv.labels), prompt=prompts[0] if prompts else None,
-          output=fv.output, upscale=fv.upscale, decoder=fv.decoder, upsampler=fv.upsampler)
-      print(f"{out['videos'].shape[1]} frames at {out['fps']:g} fps from {out['num_key_frames']} key frames")
+          output=fv.output, upscale=fv.upscale, decoder=fv.decoder, upsampler=fv.upsampler, keep_videos=False)
+      print(f"{out['num_frames']} frames at {out['fps']:g} fps from {out['num_key_frames']} key frames")
       _print_paths(out)
       return 0
     if fv.workdir:
@@ -159,7 +159,7 @@ def run(fv: flags.FlagValues) -> int:
           fv.workdir, stage=fv.stage, num_samples=fv.num_samples, batch_size=fv.batch_size, guidance=fv.guidance,
           steps=fv.steps, seed=fv.seed, labels=parse_labels(fv.labels), prompt=prompts[0] if prompts else None,
           num_frames=fv.num_frames, output=fv.output, upscale=fv.upscale, decoder=fv.decoder,
-          upsampler=fv.upsampler, temporal_window=fv.temporal_window)
+          upsampler=fv.upsampler, temporal_window=fv.temporal_window, keep_videos=False)
       _print_paths(out)
       return 0
   except (ValueError, FileNotFoundError) as e:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -81,7 +81,8 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
                    labels: Optional[Dict[str, int]] = None, prompt: Optional[str] = None,
                    num_frames: Optional[int] = None, output: Optional[str] = None, upscale: int = 0,
                    progress: bool = True, decoder: Optional[str] = None, upsampler: Optional[str] = None,
-                   temporal_window: Optional[int] = None) -> Dict[str, Any]:
+                   temporal_window: Optional[int] = None, keep_videos: bool = True,
+                   fvd_clips: int = 0) -> Dict[str, Any]:
   """Samples ``num_samples`` videos of a trained stage and writes OUTPUT.{mp4,gif,png} (default WORKDIR/sample).
 
   A chain workdir with more than one pipeline stage samples long videos (``sample_pipeline``, at the chain's
@@ -92,8 +93,9 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
   ``temporal_window`` (stage ``base``; None: its ``config.sampling.temporal_window``, 0 = off) samples such clips
   "convolutionally in time" (paper App. B): temporal attention over windows of this many frames (2 up to the trained
   clip length) with window-relative positions, so a clip 2x or 4x the trained length stays in the trained range.
-  Returns the written paths plus ``videos`` ``[n, t, h, w, 3]`` uint8. ``decoder`` / ``upsampler``: see
-  :func:`sample_pipeline` (pipeline mode only).
+  Returns the written paths, ``num_frames`` and (``keep_videos``) ``videos`` ``[n, t, h, w, 3]`` uint8;
+  ``fvd_clips`` > 0: also ``fvd_clips``, that many 16-frame clips cut evenly from the videos
+  (:func:`fvd_clip_starts`). ``decoder`` / ``upsampler``: see :func:`sample_pipeline` (pipeline mode only).
   """
   run = workdirs.load_run_config(workdir)
   if stage is None and config_lib.is_chain(run):
@@ -105,7 +107,8 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
       return sample_pipeline(workdir, num_samples=num_samples, guidance=guidance, steps=steps, seed=seed,
                              labels=labels, prompt=prompt, output=output, upscale=upscale, progress=progress,
                              seconds=run.get("sample_seconds") or None, decoder=decoder, upsampler=upsampler,
-                             skip=tuple(run.get("sample_skip") or ()))
+                             skip=tuple(run.get("sample_skip") or ()), keep_videos=keep_videos,
+                             fvd_clips=fvd_clips)
   for flag, value in (("decoder", decoder), ("upsampler", upsampler)):
     if value:
       raise ValueError(f"--{flag}={value}: pipeline stages are swapped in pipeline mode (a chain workdir or "
@@ -124,11 +127,51 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
   batch = condition(task, parallel.to_host(task.fixed_batch(mesh)), labels=labels, prompt=prompt)
   videos = generate(task, trainable, frozen, batch, num_samples=num_samples, batch_size=batch_size, seed=seed,
                     progress=progress, mesh=mesh)
-  paths = {}
-  if jax.process_index() == 0:
-    paths = video_io.write_outputs(videos, output or os.path.join(workdir, "sample"), float(config.sampling.fps),
-                                   upscale)
-  return dict(paths, videos=videos, fps=float(config.sampling.fps), stage_dir=stage_dir)
+  out = write_stream([videos], videos.shape[1], float(config.sampling.fps), output or os.path.join(workdir, "sample"),
+                      upscale=upscale, keep_videos=keep_videos, fvd_clips=fvd_clips)
+  return dict(out, fps=float(config.sampling.fps), stage_dir=stage_dir)
+
+
+FVD_CLIP_FRAMES = 16  # the FVD protocol's clip length (evaluation/fvd.py)
+
+
+def fvd_clip_starts(num_frames: int, num_videos: int, num_clips: int, clip_frames: int = FVD_CLIP_FRAMES
+                    ) -> np.ndarray:
+  """First frames of the non-overlapping ``clip_frames``-frame clips cut evenly from each of ``num_videos`` videos
+  of ``num_frames`` frames: ``num_clips // num_videos`` per video (at least 1, at most what fits)."""
+  if num_frames < clip_frames:
+    raise ValueError(f"videos of {num_frames} frames are shorter than the {clip_frames}-frame FVD clips")
+  per_video = max(1, min(int(num_clips) // int(num_videos), num_frames // clip_frames))
+  return np.linspace(0, num_frames - clip_frames, per_video).round().astype(int)
+
+
+def write_stream(chunks: Iterable[np.ndarray], num_frames: int, fps: float, output: str, *, upscale: int = 0,
+                  sheet_frames: int = 0, keep_videos: bool = True, fvd_clips: int = 0) -> Dict[str, Any]:
+  """Consumes uint8 chunks ``[n, k, h, w, 3]`` of ``num_frames``-frame videos: streams them into OUTPUT.{mp4,gif}
+  (process 0) and keeps only what is asked for: the whole ``videos`` and / or the frames of ``fvd_clips`` clips."""
+  writer = video_io.VideoWriter(output, fps, num_frames, upscale, sheet_frames) if jax.process_index() == 0 else None
+  kept, clips, n = [], None, None
+  for chunk in chunks:
+    chunk = parallel.to_host(chunk)
+    if n is None:
+      n = chunk.shape[0]
+      if fvd_clips:
+        starts = fvd_clip_starts(num_frames, n, fvd_clips)
+        clips = (starts, video_io.FrameSelector(np.concatenate([np.arange(s, s + FVD_CLIP_FRAMES) for s in starts])))
+    if writer is not None:
+      writer.add(chunk)
+    if keep_videos:
+      kept.append(chunk)
+    if clips is not None:
+      clips[1].add(chunk)
+  out: Dict[str, Any] = dict(writer.close() if writer is not None else {}, num_frames=int(num_frames))
+  if keep_videos:
+    out["videos"] = np.concatenate(kept, axis=1)
+  if clips is not None:
+    starts, selector = clips
+    frames = selector.result()  # [n, len(starts) * FVD_CLIP_FRAMES, h, w, 3], clip by clip
+    out["fvd_clips"] = frames.reshape((n * len(starts), FVD_CLIP_FRAMES) + frames.shape[2:])
+  return out
 
 
 def _set_temporal_window(config, window: int, trained_frames: int) -> None:
@@ -149,13 +192,16 @@ def sample_pipeline(spec: str, *, num_samples: int = 4, seconds: Optional[float]
                     steps: Optional[int] = None, seed: int = 0, labels: Optional[Dict[str, int]] = None,
                     prompt: Optional[str] = None, output: Optional[str] = None, upscale: int = 0,
                     progress: bool = True, decoder: Optional[str] = None,
-                    upsampler: Optional[str] = None, skip: Sequence[str] = ()) -> Dict[str, Any]:
+                    upsampler: Optional[str] = None, skip: Sequence[str] = (), keep_videos: bool = True,
+                    fvd_clips: int = 0) -> Dict[str, Any]:
   """Long videos through the pipeline stages of ``spec`` but those named in ``skip`` (a chain's workdir or a comma list of stage workdirs;
   ``workdirs.pipeline_stage_dirs``), in the order their tasks declare; writes OUTPUT.{mp4,gif,png} (default: the
   first workdir's ``sample``) at the final fps. ``decoder``: a ``decoder``-stage workdir whose video decoder decodes
   the final latents instead of the one ``spec`` has (or the key-frame stage's image decoder); ``upsampler``: an
-  ``upsampler`` workdir, the last step. Returns the paths, ``videos`` uint8 ``[n, t, h, w, 3]``, ``fps`` and
-  ``num_key_frames``."""
+  ``upsampler`` workdir, the last step. The frames are streamed into the files as they come, so host memory stays
+  flat in the video length unless ``keep_videos``. Returns the paths, ``num_frames``, ``fps``, ``num_key_frames``,
+  with ``keep_videos`` ``videos`` uint8 ``[n, t, h, w, 3]`` and with ``fvd_clips`` > 0 that many 16-frame clips
+  (``fvd_clips``; see :func:`sample_workdir`)."""
   dirs = {s: d for s, d in workdirs.pipeline_stage_dirs(spec).items() if s not in skip}
   for name, path in (("decoder", decoder), ("upsampler", upsampler)):
     if path:
@@ -174,15 +220,12 @@ def sample_pipeline(spec: str, *, num_samples: int = 4, seconds: Optional[float]
   batch = condition(first_task, batch, labels=labels, prompt=prompt)
   options = {"num_windows": num_windows, "interpolations": interpolations}
   ctx = pipeline.Context(batch=batch, rng=jax.random.PRNGKey(seed), options=options, progress=progress)
+  root = spec.split(",")[0].strip()
   with _model_context(first_task.config, mesh):
     steps_ = [task.pipeline_step(trainable, frozen) for task, trainable, frozen, _ in loaded]
     stream = pipeline.run(steps_, ctx, seconds=seconds)
-    videos = np.concatenate([parallel.to_host(c) for c in stream.chunks], axis=1)
+    out = write_stream(stream.chunks, stream.num_frames, stream.fps, output or os.path.join(root, "sample"),
+                        upscale=upscale, sheet_frames=16, keep_videos=keep_videos, fvd_clips=fvd_clips)
   for bar in ctx.bars:
     bar.close()
-  root = spec.split(",")[0].strip()
-  paths = {}
-  if jax.process_index() == 0:
-    paths = video_io.write_outputs(videos, output or os.path.join(root, "sample"), stream.fps, upscale,
-                                   sheet_frames=16)
-  return dict(paths, videos=videos, fps=stream.fps, num_key_frames=ctx.key_frames_made)
+  return dict(out, fps=stream.fps, num_key_frames=ctx.key_frames_made)

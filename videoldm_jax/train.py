@@ -511,30 +511,28 @@ def train_chain(config, workdir: str,
                                                                                        for p in outputs)):
     t0 = time.time()
     out = sampling.sample_workdir(str(wd), num_samples=int(config.sample_videos),
-                                  batch_size=int(config.sample_videos))
+                                  batch_size=int(config.sample_videos), keep_videos=False,
+                                  fvd_clips=int(config.sample_fvd_clips))
     logging.info("Chain: wrote %s, %s and %s in %.1fs", out.get("mp4"), out.get("gif"), out.get("png"),
                  time.time() - t0)
     if int(config.sample_fvd_clips):
       last = config.stages[config.chain[-1]]
-      closing_fvd(out["videos"], float(out["fps"]), int(config.sample_fvd_clips), wd,
-                  source=str(last.data.source), data_dir=str(last.data.data_dir) or None)
+      closing_fvd(out["fvd_clips"], float(out["fps"]), wd, source=str(last.data.source),
+                  data_dir=str(last.data.data_dir) or None)
   return results
 
 
-def closing_fvd(videos: np.ndarray, fps: float, num_clips: int, wd: epath.Path, *, source: str = "synthetic",
-                data_dir: Optional[str] = None, num_frames: int = fvd.NUM_FRAMES) -> Dict[str, float]:
-  """FVD of ``num_clips`` non-overlapping ``num_frames``-frame clips cut evenly from the long ``videos``
-  ``[n, t, h, w, 3]`` against as many held-out real clips at the same fps and size, printed next to the FVD of two
-  disjoint real sets of that size (the noise floor: what "no difference" measures at this sample size), and
-  written to ``WORKDIR/fvd.json``."""
-  n, t = videos.shape[:2]
-  per_video = max(1, min(num_clips // n, t // num_frames))
-  starts = np.linspace(0, t - num_frames, per_video).round().astype(int)
-  clips = np.stack([videos[i, s:s + num_frames] for i in range(n) for s in starts])
+def closing_fvd(clips: np.ndarray, fps: float, wd: epath.Path, *, source: str = "synthetic",
+                data_dir: Optional[str] = None) -> Dict[str, float]:
+  """FVD of ``clips`` ``[N, num_frames, h, w, 3]`` (cut from the closing long videos by the sampler,
+  ``sampling.fvd_clip_starts``) against as many held-out real clips at the same fps and size, printed next to the
+  FVD of two disjoint real sets of that size (the noise floor: what "no difference" measures at this sample size),
+  and written to ``WORKDIR/fvd.json``."""
+  num_frames = clips.shape[1]
   extractor = fvd.I3DFeatures(num_frames=num_frames)
   generated = extractor.stats(clips)
   floor, reference, _ = fvd.noise_floor(source, len(clips), num_frames, extractor=extractor, data_dir=data_dir,
-                                        height=videos.shape[2], width=videos.shape[3], fps=fps)
+                                        height=clips.shape[2], width=clips.shape[3], fps=fps)
   out = {"fvd": fvd.fvd_from_stats(generated, reference), "noise_floor": floor, "num_clips": len(clips),
          "num_frames": num_frames, "fps": fps}
   message = (f"FVD of {len(clips)} clips ({num_frames} frames at {fps:g} fps) of the sampled videos vs held-out "

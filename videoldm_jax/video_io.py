@@ -1,4 +1,5 @@
-"""Writing sampled videos: a grid of videos as mp4 / gif, a contact sheet as png (host numpy, uint8)."""
+"""Writing sampled videos: a grid of videos as mp4 / gif, a contact sheet as png (host numpy, uint8), streamed
+chunk by chunk (``VideoWriter``) so long videos never sit whole in host memory."""
 
 from __future__ import annotations
 
@@ -41,40 +42,158 @@ def contact_sheet(videos: np.ndarray, gap: int = 2) -> np.ndarray:
   return sheet
 
 
-def write_mp4(frames: np.ndarray, path: str, fps: float) -> None:
-  """``[t, h, w, 3]`` uint8 -> H.264 mp4 (PyAV; MPEG-4 part 2 where libx264 is missing). Odd sizes are padded
+def _mp4_codec() -> str:
+  return "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+
+class _Mp4Encoder:
+  """RGB frames -> H.264 mp4 one at a time (PyAV; MPEG-4 part 2 where libx264 is missing). Odd sizes are padded
   by one pixel (4:2:0 chroma needs even sizes)."""
-  t, h, w, _ = frames.shape
-  frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-  codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-  with av.open(path, "w") as container:
-    stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
-    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+
+  def __init__(self, path: str, height: int, width: int, fps: float):
+    self.pad = ((0, height % 2), (0, width % 2), (0, 0))
+    codec = _mp4_codec()
+    self.container = av.open(path, "w")
+    self.stream = self.container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+    self.stream.width, self.stream.height, self.stream.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
     if codec == "libx264":
-      stream.options = {"crf": "12"}
-    for f in frames:
-      container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
-    container.mux(stream.encode())
+      self.stream.options = {"crf": "12"}
+
+  def add(self, frame: np.ndarray) -> None:
+    frame = np.ascontiguousarray(np.pad(frame, self.pad, mode="edge"))
+    self.container.mux(self.stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+
+  def close(self) -> None:
+    self.container.mux(self.stream.encode())
+    self.container.close()
+
+
+class _GifEncoder:
+  """RGB frames -> looping animated GIF one at a time (PyAV / FFmpeg). Each frame gets its own 256-colour palette
+  (``palettegen=stats_mode=single`` -> ``paletteuse=new=1``), so nothing waits for the whole video."""
+
+  def __init__(self, path: str, height: int, width: int, fps: float):
+    rate = Fraction(fps).limit_denominator(1000)
+    self.time_base, self.count = 1 / rate, 0
+    self.container = av.open(path, "w", format="gif")
+    self.stream = self.container.add_stream("gif", rate=rate)
+    self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "pal8"
+    graph = av.filter.Graph()
+    src = graph.add_buffer(width=width, height=height, format="rgb24", time_base=self.time_base)
+    split, gen = graph.add("split"), graph.add("palettegen", "stats_mode=single")
+    use, sink = graph.add("paletteuse", "new=1"), graph.add("buffersink")
+    src.link_to(split)
+    split.link_to(gen, 0, 0)
+    split.link_to(use, 1, 0)
+    gen.link_to(use, 0, 1)
+    use.link_to(sink)
+    graph.configure()
+    self.graph = graph
+
+  def _drain(self) -> None:
+    while True:
+      try:
+        frame = self.graph.pull()
+      except (av.BlockingIOError, av.EOFError):
+        return
+      self.container.mux(self.stream.encode(frame))
+
+  def add(self, frame: np.ndarray) -> None:
+    f = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+    f.pts, f.time_base = self.count, self.time_base
+    self.count += 1
+    self.graph.push(f)
+    self._drain()
+
+  def close(self) -> None:
+    self.graph.push(None)
+    self._drain()
+    self.container.mux(self.stream.encode())
+    self.container.close()
+
+
+def write_mp4(frames: np.ndarray, path: str, fps: float) -> None:
+  """``[t, h, w, 3]`` uint8 -> mp4 (see ``_Mp4Encoder``)."""
+  enc = _Mp4Encoder(path, frames.shape[1], frames.shape[2], fps)
+  for f in frames:
+    enc.add(f)
+  enc.close()
+
+
+class FrameSelector:
+  """Keeps the frames at ``indices`` (of the whole video) of streamed chunks ``[n, k, h, w, c]``."""
+
+  def __init__(self, indices):
+    self.indices = np.asarray(sorted(set(int(i) for i in indices)), np.int64)
+    self.kept: list = []
+    self.seen = 0
+
+  def add(self, chunk: np.ndarray) -> None:
+    k = chunk.shape[1]
+    local = self.indices[(self.indices >= self.seen) & (self.indices < self.seen + k)] - self.seen
+    if len(local):
+      self.kept.append(np.asarray(chunk[:, local]))
+    self.seen += k
+
+  def result(self) -> np.ndarray:
+    """``[n, len(indices), h, w, c]`` (the indices seen so far)."""
+    return np.concatenate(self.kept, axis=1)
+
+
+class VideoWriter:
+  """Streams uint8 chunks ``[n, k, h, w, 3]`` of ``num_frames``-frame videos into OUTPUT.mp4 and OUTPUT.gif (the
+  n videos in a grid) and, on ``close``, OUTPUT.png (contact sheet); holds only the sheet's frames, so host memory
+  does not grow with the video length. ``upscale`` 0: nearest-neighbour to at least 128 px high (the runlocal
+  models make 32 px frames). ``sheet_frames`` > 0: the sheet shows that many evenly spaced frames."""
+
+  def __init__(self, output: str, fps: float, num_frames: int, upscale: int = 0, sheet_frames: int = 0):
+    root, ext = os.path.splitext(output)
+    output = root if ext.lower() in (".mp4", ".gif", ".png") else output
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    self.paths = {"mp4": output + ".mp4", "gif": output + ".gif", "png": output + ".png"}
+    self.fps, self.upscale = float(fps), int(upscale)
+    sheet = np.arange(num_frames)
+    if sheet_frames and num_frames > sheet_frames:
+      sheet = np.linspace(0, num_frames - 1, sheet_frames).round().astype(int)
+    self.sheet = FrameSelector(sheet)
+    self.encoders = None
+
+  def add(self, chunk: np.ndarray) -> None:
+    chunk = np.asarray(chunk)
+    if self.encoders is None:
+      self.factor = self.upscale or max(1, int(np.ceil(128 / chunk.shape[2])))
+    chunk = _upscale(chunk, self.factor)
+    grid = tile_videos(chunk)
+    if self.encoders is None:
+      h, w = grid.shape[1:3]
+      self.encoders = [_Mp4Encoder(self.paths["mp4"], h, w, self.fps), _GifEncoder(self.paths["gif"], h, w, self.fps)]
+    for frame in grid:
+      for enc in self.encoders:
+        enc.add(frame)
+    self.sheet.add(chunk)
+
+  def close(self) -> Dict[str, str]:
+    if self.encoders is None:
+      raise ValueError(f"{self.paths['mp4']}: no frames were written")
+    for enc in self.encoders:
+      enc.close()
+    with open(self.paths["png"], "wb") as f:
+      f.write(writers.encode_png(contact_sheet(self.sheet.result())))
+    return self.paths
+
+  def __enter__(self) -> "VideoWriter":
+    return self
+
+  def __exit__(self, exc_type, *_) -> None:
+    if exc_type is not None and self.encoders is not None:  # keep what was written readable
+      for enc in self.encoders:
+        enc.close()
 
 
 def write_outputs(videos: np.ndarray, output: str, fps: float, upscale: int = 0,
                   sheet_frames: int = 0) -> Dict[str, str]:
-  """``OUTPUT.mp4`` / ``OUTPUT.gif`` (grid of the videos) and ``OUTPUT.png`` (contact sheet). ``upscale`` 0:
-  nearest-neighbour to at least 128 px high (the runlocal models make 32 px frames). ``sheet_frames`` > 0: the
-  contact sheet shows that many evenly spaced frames (long videos)."""
-  factor = upscale or max(1, int(np.ceil(128 / videos.shape[2])))
-  videos = _upscale(videos, factor)
-  root, ext = os.path.splitext(output)
-  output = root if ext.lower() in (".mp4", ".gif", ".png") else output
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  grid = tile_videos(videos)
-  paths = {"mp4": output + ".mp4", "gif": output + ".gif", "png": output + ".png"}
-  write_mp4(grid, paths["mp4"], fps)
-  with open(paths["gif"], "wb") as f:
-    f.write(writers.encode_gif(grid, fps))
-  with open(paths["png"], "wb") as f:
-    sheet = videos
-    if sheet_frames and videos.shape[1] > sheet_frames:
-      sheet = videos[:, np.linspace(0, videos.shape[1] - 1, sheet_frames).round().astype(int)]
-    f.write(writers.encode_png(contact_sheet(sheet)))
-  return paths
+  """``OUTPUT.mp4`` / ``OUTPUT.gif`` (grid of the videos ``[n, t, h, w, 3]``) and ``OUTPUT.png`` (contact sheet);
+  see ``VideoWriter``."""
+  writer = VideoWriter(output, fps, videos.shape[1], upscale, sheet_frames)
+  writer.add(videos)
+  return writer.close()

@@ -30,9 +30,11 @@ weights (``--fid_weights``, not shipped); without them the FID fields are null a
 
   python benchmarks/ablations.py --workdir=/tmp/ablations                  # the table (~2 h on a 2-core CPU)
   python benchmarks/ablations.py --workdir=/tmp/ablations --rows=1,2 --seeds=0,1,2
+  python benchmarks/ablations.py --workdir=/tmp/ablations_long --rows=1 --seeds=0 --budget=temporal=600
   python benchmarks/ablations.py --workdir=/tmp/ablations_tiny --tiny      # end to end in minutes, no results
 
-Finished runs under ``--workdir`` are reused; the table goes to WORKDIR/ablations.json.
+Finished runs under ``--workdir`` are reused (WORKDIR/budget.json records the budget; another budget needs another
+workdir); the table goes to WORKDIR/ablations.json, rewritten after every row.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def define_flags() -> None:
   flags.DEFINE_list("rows", [str(r) for r in ROWS], "rows to run (1-6)")
   flags.DEFINE_list("seeds", ["0", "1"], "seeds of every run after the shared autoencoder")
   flags.DEFINE_bool("tiny", False, "a few steps and clips: checks the script end to end, claims nothing")
-  flags.DEFINE_integer("clips", None, "override the budget's held-out clips per variant")
+  flags.DEFINE_list("budget", [], "overrides of the budget, e.g. temporal=600,clips=32 (see Budget)")
   flags.DEFINE_float("guidance", 2.0, "row 4's context guidance s > 1")
   flags.DEFINE_string("fid_weights", "", "pytorch-fid Inception weights (pt_inception-2015-12-05 .pth / "
                       ".safetensors) for the FID fields")
@@ -525,6 +527,38 @@ def markdown(results: Dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def parse_budget(budget: Budget, overrides: Sequence[str]) -> Budget:
+  """``budget`` with ``["temporal=600", "clips=32", ...]`` applied; a ValueError names an unknown field."""
+  fields = {f.name: f.type for f in dataclasses.fields(Budget)}
+  changes = {}
+  for item in overrides:
+    key, _, value = item.partition("=")
+    if key not in fields or not value:
+      raise ValueError(f"--budget={item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+    changes[key] = value.lower() in ("1", "true") if fields[key] in (bool, "bool") else int(value)
+  return dataclasses.replace(budget, **changes)
+
+
+def check_budget(root: str, budget: Budget) -> None:
+  """Records ``budget`` in ROOT/budget.json; a root whose runs were made with another budget is refused (its
+  finished runs would be reused as they are)."""
+  path = os.path.join(root, "budget.json")
+  want = dataclasses.asdict(budget)
+  if os.path.exists(path):
+    with open(path) as f:
+      have = json.load(f)
+    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if diff:
+      used = ", ".join(f"{k}={have.get(k)}" for k in diff)
+      asked = ", ".join(f"{k}={want.get(k)}" for k in diff)
+      raise ValueError(f"{path}: the runs under {root} used another budget ({used}; asked {asked}): use another "
+                       "--workdir")
+    return
+  os.makedirs(root, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(want, f, indent=2)
+
+
 def run(root: str, rows: Sequence[int], seeds: Sequence[int], budget: Budget, *, guidance: float = 2.0,
         fid_weights: str = "") -> Dict[str, Any]:
   """Trains what ``rows`` need under ``root``, scores them and writes ``root/ablations.json``; returns the table."""
@@ -535,6 +569,7 @@ def run(root: str, rows: Sequence[int], seeds: Sequence[int], budget: Budget, *,
     raise ValueError("--seeds: at least one seed")
   if guidance <= 1.0:
     raise ValueError(f"--guidance={guidance}: row 4 compares s=1 with an s > 1")
+  check_budget(root, budget)
   t0 = time.time()
   table = Table(Runs(root, budget), Scorer(fid_weights, min(8, budget.clips)), seeds, guidance)
   results = {"budget": dataclasses.asdict(budget), "seeds": list(seeds), "clips": budget.clips,
@@ -554,9 +589,7 @@ def run(root: str, rows: Sequence[int], seeds: Sequence[int], budget: Budget, *,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  budget = TINY if FLAGS.tiny else FULL
-  if FLAGS.clips:
-    budget = dataclasses.replace(budget, clips=FLAGS.clips)
+  budget = parse_budget(TINY if FLAGS.tiny else FULL, FLAGS.budget)
   results = run(FLAGS.workdir, [int(r) for r in FLAGS.rows], [int(s) for s in FLAGS.seeds], budget,
                 guidance=FLAGS.guidance, fid_weights=FLAGS.fid_weights)
   print(markdown(results))

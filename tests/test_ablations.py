@@ -63,9 +63,11 @@ def test_tiny_table_has_every_field(tiny_table):
     assert check["same_init"] and check["same_data"], (row, check)
     assert (check["init_compared"], check["data_compared"]) == COMPARED[row], (row, check)
   rows = {r["row"]: r for r in table["rows"]}
-  # The same run is the video arm of rows 1-3: one sample, one score.
-  assert (rows[1]["variants"]["video"]["seeds"]["0"] == rows[2]["variants"]["conv_attention"]["seeds"]["0"]
-          == rows[3]["variants"]["image_pretrained"]["seeds"]["0"])
+  # The same run is the video arm of rows 1-3: one sample, one score (its init digest is over each row's shared
+  # params: row 3 shares only the VAE).
+  same = [{k: rows[r]["variants"][v]["seeds"]["0"][k] for k in ("fvd", "workdir", "steps", "data_digest")}
+          for r, v in ((1, "video"), (2, "conv_attention"), (3, "image_pretrained"))]
+  assert same[0] == same[1] == same[2]
   assert rows[3]["variants"]["end_to_end"]["seeds"]["0"]["steps"] == (ablations.TINY.image_pretrain
                                                                       + ablations.TINY.temporal)
   assert rows[5]["variants"]["video"]["seeds"]["0"]["fvd_posterior_mode"] >= 0
@@ -90,3 +92,14 @@ def test_digests_tell_inputs_apart(tiny_table):
   assert ablations.init_digest(video, pre, pattern) == recorded
   trained = str(workdir / "s0" / "key_image")  # two steps past the pre-trained weights
   assert ablations.init_digest(video, trained, pattern) != recorded
+
+
+def test_budget_overrides_and_a_root_keeps_its_budget(tmp_path):
+  b = ablations.parse_budget(ablations.FULL, ["temporal=600", "fast_compile=true"])
+  assert b.temporal == 600 and b.fast_compile and b.clips == ablations.FULL.clips
+  with pytest.raises(ValueError, match="tempral=6"):
+    ablations.parse_budget(ablations.FULL, ["tempral=6"])
+  ablations.check_budget(str(tmp_path), b)
+  ablations.check_budget(str(tmp_path), b)  # the same budget: its runs are reused
+  with pytest.raises(ValueError, match=r"fast_compile=True, temporal=600; asked fast_compile=False, temporal=150\): use"):
+    ablations.check_budget(str(tmp_path), ablations.FULL)

@@ -80,8 +80,10 @@ def test_stage_checks_name_the_key():
   with pytest.raises(ValueError, match=r"config\.data\.num_frames=1"):
     tasks.get("base")(config)
   config = rds.get_config("stage=image,runlocal")
-  config.data.num_frames = 4
-  with pytest.raises(ValueError, match=r"config\.data\.num_frames=4.*image stage"):
+  config.data.num_frames = 4  # clips: every frame its own image (the equal-data image arm of the ablations)
+  tasks.get("image")(config)
+  config.data.num_frames = 0
+  with pytest.raises(ValueError, match=r"config\.data\.num_frames=0.*image stage"):
     tasks.get("image")(config)
   config = _base()
   config.data.height = 36

@@ -517,13 +517,15 @@ def _mean_std(v: Optional[Dict[str, float]]) -> str:
 
 def markdown(results: Dict[str, Any]) -> str:
   """The README table: one line per variant."""
-  lines = ["| row | variant | FVD (mean ± std over seeds) | FID | per seed | noise floor FVD |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| row | variant | FVD (mean ± std over seeds) | per seed | FID | noise floor FVD | paper's direction |",
+           "|---|---|---|---|---|---|---|"]
+  n = len(results["seeds"])
   for r in results["rows"]:
-    for name, v in r["variants"].items():
+    for i, (name, v) in enumerate(r["variants"].items()):
       per_seed = " / ".join(f"{s['fvd']:.1f}" for s in v["seeds"].values())
-      lines.append(f"| {r['row']} {r['name']} | {name} | {_mean_std(v['fvd'])} | {_mean_std(v['fid'])} | "
-                   f"{per_seed} | {r['noise_floor_fvd']:.1f} |")
+      direction = f"{r['paper_direction']}: {r['direction_holds_in_seeds']} of {n} seeds" if i == 0 else ""
+      lines.append(f"| {r['row']} {r['name']} | {name} | {_mean_std(v['fvd'])} | {per_seed} | {_mean_std(v['fid'])} | "
+                   f"{r['noise_floor_fvd']:.1f} | {direction} |")
   return "\n".join(lines)
 
 

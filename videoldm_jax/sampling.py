@@ -128,7 +128,7 @@ def sample_workdir(workdir: str, *, stage: Optional[str] = None, num_samples: in
   videos = generate(task, trainable, frozen, batch, num_samples=num_samples, batch_size=batch_size, seed=seed,
                     progress=progress, mesh=mesh)
   out = write_stream([videos], videos.shape[1], float(config.sampling.fps), output or os.path.join(workdir, "sample"),
-                      upscale=upscale, keep_videos=keep_videos, fvd_clips=fvd_clips)
+                     upscale=upscale, keep_videos=keep_videos, fvd_clips=fvd_clips)
   return dict(out, fps=float(config.sampling.fps), stage_dir=stage_dir)
 
 
@@ -146,31 +146,28 @@ def fvd_clip_starts(num_frames: int, num_videos: int, num_clips: int, clip_frame
 
 
 def write_stream(chunks: Iterable[np.ndarray], num_frames: int, fps: float, output: str, *, upscale: int = 0,
-                  sheet_frames: int = 0, keep_videos: bool = True, fvd_clips: int = 0) -> Dict[str, Any]:
+                 sheet_frames: int = 0, keep_videos: bool = True, fvd_clips: int = 0) -> Dict[str, Any]:
   """Consumes uint8 chunks ``[n, k, h, w, 3]`` of ``num_frames``-frame videos: streams them into OUTPUT.{mp4,gif}
   (process 0) and keeps only what is asked for: the whole ``videos`` and / or the frames of ``fvd_clips`` clips."""
   writer = video_io.VideoWriter(output, fps, num_frames, upscale, sheet_frames) if jax.process_index() == 0 else None
-  kept, clips, n = [], None, None
+  kept, starts, clip_frames = [], None, None
   for chunk in chunks:
     chunk = parallel.to_host(chunk)
-    if n is None:
-      n = chunk.shape[0]
-      if fvd_clips:
-        starts = fvd_clip_starts(num_frames, n, fvd_clips)
-        clips = (starts, video_io.FrameSelector(np.concatenate([np.arange(s, s + FVD_CLIP_FRAMES) for s in starts])))
+    if fvd_clips and starts is None:
+      starts = fvd_clip_starts(num_frames, chunk.shape[0], fvd_clips)
+      clip_frames = video_io.FrameSelector(np.concatenate([np.arange(s, s + FVD_CLIP_FRAMES) for s in starts]))
     if writer is not None:
       writer.add(chunk)
     if keep_videos:
       kept.append(chunk)
-    if clips is not None:
-      clips[1].add(chunk)
+    if clip_frames is not None:
+      clip_frames.add(chunk)
   out: Dict[str, Any] = dict(writer.close() if writer is not None else {}, num_frames=int(num_frames))
   if keep_videos:
     out["videos"] = np.concatenate(kept, axis=1)
-  if clips is not None:
-    starts, selector = clips
-    frames = selector.result()  # [n, len(starts) * FVD_CLIP_FRAMES, h, w, 3], clip by clip
-    out["fvd_clips"] = frames.reshape((n * len(starts), FVD_CLIP_FRAMES) + frames.shape[2:])
+  if clip_frames is not None:
+    frames = clip_frames.result()  # [n, len(starts) * FVD_CLIP_FRAMES, h, w, 3], clip after clip
+    out["fvd_clips"] = frames.reshape((-1, FVD_CLIP_FRAMES) + frames.shape[2:])
   return out
 
 
@@ -225,7 +222,7 @@ def sample_pipeline(spec: str, *, num_samples: int = 4, seconds: Optional[float]
     steps_ = [task.pipeline_step(trainable, frozen) for task, trainable, frozen, _ in loaded]
     stream = pipeline.run(steps_, ctx, seconds=seconds)
     out = write_stream(stream.chunks, stream.num_frames, stream.fps, output or os.path.join(root, "sample"),
-                        upscale=upscale, sheet_frames=16, keep_videos=keep_videos, fvd_clips=fvd_clips)
+                       upscale=upscale, sheet_frames=16, keep_videos=keep_videos, fvd_clips=fvd_clips)
   for bar in ctx.bars:
     bar.close()
   return dict(out, fps=stream.fps, num_key_frames=ctx.key_frames_made)

@@ -89,7 +89,7 @@ class TemporalConfig:
     lora_alpha: adapter scale ``alpha / rank`` (0 = rank, i.e. scale 1).
     lora_convs: adapters on the temporal ResBlocks' 3D convs too (conv1 / conv2).
     conv_blocks: the 3D-conv ``temporal_res`` blocks (and their ``temporal_mixer``) after the spatial ResNet
-      blocks; False leaves only the temporal attention (the paper's "attention only" ablation, Tab. 1 / Sec. 4.1).
+      blocks; False leaves only the temporal attention (the paper's attention-only ablation).
   """
   merge_strategy: str = "learned_with_images"
   merge_factor: float = 0.5

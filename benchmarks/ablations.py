@@ -49,7 +49,6 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # stage_runs, when run as a script
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -78,6 +77,8 @@ DIRECTION = {1: ("video", "image"), 2: ("conv_attention", "attention"), 3: ("ima
              4: ("s=2", "s=1"), 5: ("video", "image_ft"), 6: ("video", "image")}
 CONTEXT = 2        # predictor context frames
 REAL_SEED, FLOOR_SEED = 0, 1  # held-out synthetic streams: the reference set and the disjoint noise-floor set
+IMAGE_LDM = "spatial U-Net, label tokens, VAE (the pre-trained image LDM)"
+IMAGE_LDM_PARAMS = r"(unet|label_encoder|vae)/.*"  # temporal params are left out of every init digest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,22 +177,13 @@ class Scorer:
 # Runs.
 # ----------------------------------------------------------------------------------------------------------------
 
-def _shapes_and_mesh(config):
-  config = tasks.get(config.stage).resolve_config(config)
-  mesh = parallel.make_mesh(config)
-  task = tasks.get(config.stage)(config)
-  boxed = jax.eval_shape(task.init, jax.random.key(0, impl="rbg"))
-  shardings = parallel.param_shardings(boxed, mesh, parallel.logical_rules(config))
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
-                          shardings)
-  return optim.flat_paths(abstract)
-
-
 def init_digest(config, source: str, pattern: str) -> str:
   """Digest of the params matching ``pattern`` (temporal ones left out: not every variant has them) that a run of
   ``config`` starts from when initialised from ``source`` (EMA weights, as ``model_init`` loads them)."""
   rx = re.compile(pattern)
-  wanted = {k: v for k, v in _shapes_and_mesh(config).items() if rx.fullmatch(k) and "temporal" not in k}
+  config = tasks.get(config.stage).resolve_config(config)
+  _, abstract = workdirs.abstract_params(config, parallel.make_mesh(config))
+  wanted = {k: v for k, v in abstract.items() if rx.fullmatch(k) and "temporal" not in k}
   if not wanted:
     raise ValueError(f"init_digest: no param of stage {config.stage!r} matches {pattern!r}")
   return stage_runs.digest(checkpoint.load_model_init(source, wanted, missing_ok="", use_ema=True))
@@ -427,23 +419,20 @@ class Table:
       return self._key_scores[key]
     return evaluate
 
-  def row1(self):
+  def _key_row(self, row: int, arms: Dict[str, Callable[[int], Variant]], shared: str, shared_params: str):
     real, ref = self._key_reference()
-    return self._row(1, ref, {"image": self.runs.key_image, "video": self.runs.key_video},
-                     self._key_eval(real, ref), "spatial U-Net, label tokens, VAE (the pre-trained image LDM)",
-                     r"(unet|label_encoder|vae)/.*")
+    return self._row(row, ref, arms, self._key_eval(real, ref), shared, shared_params)
+
+  def row1(self):
+    return self._key_row(1, {"image": self.runs.key_image, "video": self.runs.key_video}, IMAGE_LDM, IMAGE_LDM_PARAMS)
 
   def row2(self):
-    real, ref = self._key_reference()
-    return self._row(2, ref, {"attention": self.runs.key_attention, "conv_attention": self.runs.key_video},
-                     self._key_eval(real, ref), "spatial U-Net, label tokens, VAE (the pre-trained image LDM)",
-                     r"(unet|label_encoder|vae)/.*")
+    return self._key_row(2, {"attention": self.runs.key_attention, "conv_attention": self.runs.key_video}, IMAGE_LDM,
+                         IMAGE_LDM_PARAMS)
 
   def row3(self):
-    real, ref = self._key_reference()
-    return self._row(3, ref, {"end_to_end": self.runs.key_end_to_end, "image_pretrained": self.runs.key_video},
-                     self._key_eval(real, ref), "VAE (the U-Nets start from scratch and from the image LDM)",
-                     r"vae/.*")
+    return self._key_row(3, {"end_to_end": self.runs.key_end_to_end, "image_pretrained": self.runs.key_video},
+                         "VAE (the U-Nets start from scratch and from the image LDM)", r"vae/.*")
 
   def row4(self):
     n, t = self.b.clips, CONTEXT + fvd.NUM_FRAMES
@@ -456,7 +445,7 @@ class Table:
       clips = rollout_videos(v.workdir, real["clips"], real["labels"], scales[name], self.b.sampler_steps, seed)
       return self.scorer.score(ref, clips)
     return self._row(4, ref, {name: self.runs.predictor for name in scales}, evaluate,
-                     "the same predictor (guidance is a sampling setting)", r"(unet|label_encoder|vae)/.*",
+                     "the same predictor (guidance is a sampling setting)", IMAGE_LDM_PARAMS,
                      direction=list(scales)[::-1])
 
   # Rows 5-6: 30 fps clips at the runlocal frame size (the upsampler's training patch).

@@ -101,5 +101,6 @@ def test_budget_overrides_and_a_root_keeps_its_budget(tmp_path):
     ablations.parse_budget(ablations.FULL, ["tempral=6"])
   ablations.check_budget(str(tmp_path), b)
   ablations.check_budget(str(tmp_path), b)  # the same budget: its runs are reused
-  with pytest.raises(ValueError, match=r"fast_compile=True, temporal=600; asked fast_compile=False, temporal=150\): use"):
+  used = r"fast_compile=True, temporal=600; asked fast_compile=False, temporal=150\): use another --workdir"
+  with pytest.raises(ValueError, match=used):
     ablations.check_budget(str(tmp_path), ablations.FULL)

@@ -42,17 +42,13 @@ def contact_sheet(videos: np.ndarray, gap: int = 2) -> np.ndarray:
   return sheet
 
 
-def _mp4_codec() -> str:
-  return "libx264" if "libx264" in av.codecs_available else "mpeg4"
-
-
 class _Mp4Encoder:
   """RGB frames -> H.264 mp4 one at a time (PyAV; MPEG-4 part 2 where libx264 is missing). Odd sizes are padded
   by one pixel (4:2:0 chroma needs even sizes)."""
 
   def __init__(self, path: str, height: int, width: int, fps: float):
     self.pad = ((0, height % 2), (0, width % 2), (0, 0))
-    codec = _mp4_codec()
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     self.container = av.open(path, "w")
     self.stream = self.container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
     self.stream.width, self.stream.height, self.stream.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
@@ -110,14 +106,6 @@ class _GifEncoder:
     self._drain()
     self.container.mux(self.stream.encode())
     self.container.close()
-
-
-def write_mp4(frames: np.ndarray, path: str, fps: float) -> None:
-  """``[t, h, w, 3]`` uint8 -> mp4 (see ``_Mp4Encoder``)."""
-  enc = _Mp4Encoder(path, frames.shape[1], frames.shape[2], fps)
-  for f in frames:
-    enc.add(f)
-  enc.close()
 
 
 class FrameSelector:

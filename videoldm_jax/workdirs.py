@@ -87,14 +87,21 @@ def load_trained(stage_dir: str, config, mesh) -> Tuple[Any, Any, Any]:
   return load_params(stage_dir, config, mesh)
 
 
-def load_params(source: str, config, mesh) -> Tuple[Any, Any, Any]:
-  """``(task, trainable, frozen)`` of ``config``'s stage with every param from ``source`` (a training workdir or a
-  converted checkpoint; nothing is initialised at random), split by ``config.trainable``, sharded over ``mesh``."""
+def abstract_params(config, mesh) -> Tuple[Any, Dict[str, jax.ShapeDtypeStruct]]:
+  """``(task, {flat path: ShapeDtypeStruct})`` of ``config``'s stage, each param sharded over ``mesh`` by the
+  config's logical rules (nothing allocated)."""
   task = tasks.get(config.stage)(config)
   boxed = jax.eval_shape(task.init, jax.random.key(0, impl="rbg"))
   shardings = parallel.param_shardings(boxed, mesh, parallel.logical_rules(config))
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
                           shardings)
-  loaded = checkpoint.load_model_init(source, optim.flat_paths(abstract), missing_ok="", use_ema=True)
+  return task, optim.flat_paths(abstract)
+
+
+def load_params(source: str, config, mesh) -> Tuple[Any, Any, Any]:
+  """``(task, trainable, frozen)`` of ``config``'s stage with every param from ``source`` (a training workdir or a
+  converted checkpoint; nothing is initialised at random), split by ``config.trainable``, sharded over ``mesh``."""
+  task, abstract = abstract_params(config, mesh)
+  loaded = checkpoint.load_model_init(source, abstract, missing_ok="", use_ema=True)
   trainable, frozen = optim.split(traverse_util.unflatten_dict(loaded, sep=optim.SEP), config.trainable)
   return task, trainable, frozen

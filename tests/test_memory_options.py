@@ -157,7 +157,13 @@ def test_splash_compiles_for_tpu_and_saves_memory():
   text, splash = compiled("splash")
   xla_text, xla = compiled(None)
   assert "tpu_custom_call" in text and "tpu_custom_call" not in xla_text
-  # What the planner reports as left out of the compiler's estimate.
-  assert aot.count_pallas_kernels(splash) > 0 and aot.count_pallas_kernels(xla) == 0
+  # What the planner adds to the compiler's estimate: forward (2 matmuls), dq (3) and dkv (4) kernels on each
+  # device's 2 clips x 4 heads x 2048 tokens, head_dim 40 padded to 128 lanes.
+  kernels = aot.pallas_kernels(splash)
+  assert aot.count_pallas_kernels(xla) == 0
+  assert sorted(k.name for k in kernels) == ["splash_mha_dkv_no_residuals", "splash_mha_dq_no_residuals",
+                                             "splash_mha_fwd_residuals"]
+  assert all(k.source == "shapes" and k.bytes > 3 * 2 * 4 * 2048 * 128 * 2 for k in kernels)
+  assert sum(k.flops for k in kernels) == (2 + 3 + 4) * 2 * 2 * 4 * 2048 * 2048 * 128
   # The kernel never materialises the [b, heads, n, n] logits.
   assert splash.memory_analysis().temp_size_in_bytes < xla.memory_analysis().temp_size_in_bytes / 2

@@ -85,10 +85,36 @@ def test_tiny_base_step_fits(plans, name):
   assert p.attention == "auto" and r.pallas_kernels == 0 and "Pallas" not in r.summary()
 
 
-def test_summary_says_when_pallas_kernels_are_left_out(plans):
-  r = dataclasses.replace(plans["v5p-8"].report, pallas_kernels=3)
-  assert r.summary().endswith("(estimate leaves out 3 Pallas kernel(s): no roofline term added)")
-  assert r.to_dict()["roofline_term_added"] is False
+def test_pallas_roofline_term_is_added_and_labelled(plans):
+  base = plans["v5p-8"].report
+  assert base.compiler_seconds is not None and base.pallas_seconds is None
+  chip = aot.CHIPS["v5p"]
+  attention = aot.kernel_cost('  %splash_mha_fwd_residuals.3 = (bf16[2,4,2048,128]{3,2,1,0}) custom-call(%a, %b), '
+                              'custom_call_target="tpu_custom_call", operand_layout_constraints={s8[1,4,4]{2,1,0}, '
+                              'bf16[2,4,2048,128]{3,2,1,0}, bf16[2,4,1024,128]{3,2,1,0}, bf16[2,4,1024,128]{3,2,1,0}}, '
+                              'backend_config={}')
+  assert attention.source == "shapes" and attention.flops == 2 * 2 * 2 * 4 * 2048 * 1024 * 128
+  assert attention.bytes == 2 * (2 * 4 * 2048 * 128 * 2) + 2 * 2 * 4 * 1024 * 128 * 2 + 16
+  own = aot.kernel_cost('%k = f32[8]{0} custom-call(%a), custom_call_target="tpu_custom_call", backend_config='
+                        '{"custom_call_config":{"body":"x","cost_estimate":{"flops": 5e12, "transcendentals": 0, '
+                        '"bytes_accessed": 1e9}}}')
+  assert (own.source, own.flops, own.bytes) == ("kernel", 5e12, 1e9)
+  unknown = aot.kernel_cost('%my_kernel.1 = f32[8]{0} custom-call(%a), custom_call_target="tpu_custom_call"')
+  assert unknown.source == "unknown" and unknown.seconds(chip) is None
+
+  r = dataclasses.replace(base)
+  aot.add_pallas_roofline(r, [attention, own, unknown], chip)
+  term = max(attention.flops / chip.peak_bf16_flops, attention.bytes / chip.hbm_bytes_per_second) + 5e12 / 459e12
+  assert r.pallas_kernels == 3 and r.pallas_uncosted == 1 and abs(r.pallas_seconds - term) < 1e-12
+  assert r.estimated_seconds == r.compiler_seconds + r.pallas_seconds
+  assert abs(r.mfu - r.useful_flops / (r.estimated_seconds * chip.peak_bf16_flops)) < 1e-12 and r.mfu < base.mfu
+  summary = r.summary()
+  assert f"est. {r.estimated_seconds * 1e3:.1f} ms/step ({r.pallas_seconds * 1e3:.1f} ms of it a roofline term for " \
+      "2 Pallas kernel(s))" in summary
+  assert summary.endswith("(estimate leaves out 1 Pallas kernel(s) of unknown cost)")
+  d = r.to_dict()
+  assert d["roofline_term_added"] is True and d["estimated_seconds"] == r.estimated_seconds
+  assert base.to_dict()["roofline_term_added"] is False and base.estimated_seconds == base.compiler_seconds
 
 
 def test_flops_scale_with_the_batch(plans):

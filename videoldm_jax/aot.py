@@ -44,19 +44,23 @@ class Chip:
   hbm_bytes: int               # per device, usable
   devices_per_chip: int
   source: str
+  hbm_bytes_per_second: float = 0.0  # per device: the roofline term for Pallas kernels (see pallas_kernels)
 
 
 CHIPS: Dict[str, Chip] = {c.generation: c for c in (
     Chip("v4", "TPU v4", 275e12, int(30.75 * GiB), 1,
-         "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16 and 32 GiB HBM per chip (one megacore device)"),
+         "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM and 1228 GB/s per chip (one megacore device)",
+         1228e9),
     Chip("v5e", "TPU v5 lite", 197e12, int(15.75 * GiB), 1,
-         "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16 and 16 GB HBM per chip"),
+         "cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GB HBM and 819 GB/s per chip", 819e9),
     Chip("v5p", "TPU v5", 459e12, int(95.74 * GiB), 1,
-         "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16 and 95 GiB HBM per chip (one megacore device)"),
+         "cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM and 2765 GB/s per chip (one megacore device)",
+         2765e9),
     Chip("v6e", "TPU v6 lite", 918e12, int(31.25 * GiB), 1,
-         "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16 and 32 GB HBM per chip"),
+         "cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GB HBM and 1640 GB/s per chip", 1640e9),
     Chip("tpu7x", "TPU7x", 2307e12 / 2, int(94.75 * GiB), 2,
-         "cloud.google.com/tpu/docs/tpu7x: 2307 TFLOP/s bf16 and 192 GiB HBM per chip, two TensorCores (devices)"),
+         "cloud.google.com/tpu/docs/tpu7x: 2307 TFLOP/s bf16, 192 GiB HBM and 7380 GB/s per chip, two TensorCores "
+         "(devices)", 7380e9 / 2),
 )}
 # Usable HBM: the limits libtpu 0.0.42 prints when a compile-only program overflows ("exceeds available HBM").
 
@@ -195,9 +199,25 @@ class CompileReport:
   compiler_seconds: Optional[float] = None  # the compiler's estimated step time ("optimal_seconds")
   peak_flops: float = 0.0                 # per device, bf16
   error: Optional[str] = None             # first line of the compiler's message when it failed
-  # Pallas kernels (``tpu_custom_call``) in the compiled step: the compiler's cost model does not see inside them,
-  # and no roofline term is added for them, so with any of them the FLOPs and step-time estimate leave them out.
+  # Pallas kernels (``tpu_custom_call``) in the compiled step: the compiler's cost model does not see inside them
+  # (``compiler_seconds`` and ``flops`` leave them out), so a roofline term from their FLOPs and bytes is added to
+  # the step time (``pallas_seconds``, see :func:`pallas_kernels`); ``pallas_uncosted`` of them had no known cost.
   pallas_kernels: int = 0
+  pallas_uncosted: int = 0
+  pallas_flops: float = 0.0               # per device per step, as the kernels run (head_dim padding included)
+  pallas_bytes: float = 0.0
+  pallas_seconds: Optional[float] = None  # the roofline term; None without costed kernels
+
+  @property
+  def roofline_term_added(self) -> bool:
+    return bool(self.pallas_kernels) and self.pallas_seconds is not None
+
+  @property
+  def estimated_seconds(self) -> Optional[float]:
+    """The compiler's step-time estimate plus the Pallas roofline term."""
+    if self.compiler_seconds is None:
+      return None
+    return self.compiler_seconds + (self.pallas_seconds or 0.0)
 
   @property
   def useful_flops(self) -> Optional[float]:
@@ -207,7 +227,7 @@ class CompileReport:
   @property
   def mfu(self) -> Optional[float]:
     """Model FLOPs / (estimated step time x peak FLOP/s); None without a step-time estimate."""
-    return mfu(self.useful_flops, self.compiler_seconds, self.peak_flops)
+    return mfu(self.useful_flops, self.estimated_seconds, self.peak_flops)
 
   def summary(self) -> str:
     cap = self.hbm_bytes / GiB
@@ -218,17 +238,21 @@ class CompileReport:
     s = f"fits: peak {self.peak_bytes / GiB:.2f} of {cap:.2f} GiB per device"
     if self.useful_flops is not None:
       s += f", {self.useful_flops / 1e12:.3g} TFLOP/step/device"
-    if self.compiler_seconds is not None:
-      s += f", est. {self.compiler_seconds * 1e3:.1f} ms/step"
+    if self.estimated_seconds is not None:
+      s += f", est. {self.estimated_seconds * 1e3:.1f} ms/step"
+      if self.roofline_term_added:
+        s += (f" ({self.pallas_seconds * 1e3:.1f} ms of it a roofline term for "
+              f"{self.pallas_kernels - self.pallas_uncosted} Pallas kernel(s))")
     if self.mfu is not None:
       s += f", MFU {100 * self.mfu:.1f}%"
-    if self.pallas_kernels:
-      s += f" (estimate leaves out {self.pallas_kernels} Pallas kernel(s): no roofline term added)"
+    if self.pallas_uncosted:
+      s += f" (estimate leaves out {self.pallas_uncosted} Pallas kernel(s) of unknown cost)"
     return s
 
   def to_dict(self) -> Dict[str, Any]:
     d = dataclasses.asdict(self)
-    d.update(useful_flops=self.useful_flops, mfu=self.mfu, summary=self.summary(), roofline_term_added=False)
+    d.update(useful_flops=self.useful_flops, mfu=self.mfu, summary=self.summary(),
+             roofline_term_added=self.roofline_term_added, estimated_seconds=self.estimated_seconds)
     return d
 
 
@@ -338,13 +362,99 @@ def compile_with_stats(lowered, compiler_options: Optional[Mapping[str, Any]] = 
                              compile_seconds=time.time() - t0)
 
 
-def count_pallas_kernels(compiled) -> int:
-  """Pallas TPU kernels (custom calls to ``tpu_custom_call``) in a compiled program's HLO."""
+# Pallas kernels: a roofline term. ------------------------------------------------------------------------------
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                "f64": 8, "s64": 8, "u64": 8}
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
+_COST_ESTIMATE = re.compile(r'\\?"cost_estimate\\?":\s*\{\s*\\?"flops\\?":\s*([0-9.eE+]+)[^}]*?'
+                            r'\\?"bytes_accessed\\?":\s*([0-9.eE+]+)')
+# Attention kernels costed from their shapes: name -> matmuls of [nq, d] x [d, nk] size each. Forward: S = Q K^T,
+# O = P V. Backward (flash-style, P recomputed): dq kernel S, dP = dO V^T, dQ = dS K; dkv kernel S, dP,
+# dV = P^T dO, dK = dS^T Q; a fused backward kernel does both (5).
+_ATTENTION_KERNELS = ((re.compile(r"(splash|flash)\w*_dkv"), 4), (re.compile(r"(splash|flash)\w*_dq"), 3),
+                      (re.compile(r"(splash|flash)\w*fwd"), 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCost:
+  """One Pallas TPU kernel call (``tpu_custom_call``) of a compiled program, per device.
+
+  ``flops`` / ``bytes``: the kernel's own ``pl.CostEstimate`` when it carries one (``source="kernel"``); else, for
+  the attention kernels above, ``2 x matmuls x b x h x nq x nk x d`` from its q / k operands ``[b, h, n, d]`` (as
+  the kernel runs them: a zero-padded head_dim counts) and every operand and result moved once (a lower bound on
+  its HBM traffic) (``source="shapes"``); else ``flops`` None (``source="unknown"``).
+  """
+  name: str
+  flops: Optional[float]
+  bytes: float
+  source: str
+
+  def seconds(self, chip: Chip) -> Optional[float]:
+    """Roofline time: compute at the chip's peak or HBM traffic at its full bandwidth, whichever is longer."""
+    if self.flops is None or not chip.hbm_bytes_per_second:
+      return None
+    return max(self.flops / chip.peak_bf16_flops, self.bytes / chip.hbm_bytes_per_second)
+
+
+def _shapes(text: str) -> List[Tuple[str, Tuple[int, ...]]]:
+  return [(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)) for m in _SHAPE.finditer(text)]
+
+
+def _nbytes(shapes) -> float:
+  total = 0.0
+  for dtype, dims in shapes:
+    n = 1
+    for d in dims:
+      n *= d
+    total += n * _DTYPE_BYTES[dtype]
+  return total
+
+
+def kernel_cost(instruction: str) -> KernelCost:
+  """:class:`KernelCost` of one ``tpu_custom_call`` instruction line of a compiled program's HLO text."""
+  m = re.match(r"\s*(?:ROOT\s+)?%?([\w.-]+?)(?:\.\d+)?\s*=\s*(.*?)\s*custom-call\(", instruction)
+  name, result = (m.group(1), m.group(2)) if m else ("tpu_custom_call", "")
+  constraints = re.search(r"operand_layout_constraints=\{(.*?)\}(?:, \w+=|$)", instruction)
+  operands = _shapes(re.sub(r"\{[^{}]*\}", "", constraints.group(1))) if constraints else []
+  moved = _nbytes(_shapes(re.sub(r"\{[^{}]*\}", "", result))) + _nbytes(operands)
+  est = _COST_ESTIMATE.search(instruction)
+  if est:
+    return KernelCost(name, float(est.group(1)), float(est.group(2)), "kernel")
+  matmuls = next((n for rx, n in _ATTENTION_KERNELS if rx.search(name)), 0)
+  if matmuls == 4 and re.search(r'use_fused_bwd_kernel\\?":\s*true', instruction):
+    matmuls = 5
+  qk = [dims for _, dims in operands if len(dims) == 4][:2]
+  if matmuls and len(qk) == 2 and qk[0][:2] == qk[1][:2] and qk[0][3] == qk[1][3]:
+    (b, h, nq, d), nk = qk[0], qk[1][2]
+    return KernelCost(name, 2.0 * matmuls * b * h * nq * nk * d, moved, "shapes")
+  return KernelCost(name, None, moved, "unknown")
+
+
+def pallas_kernels(compiled) -> List[KernelCost]:
+  """Every Pallas TPU kernel call in a compiled program's HLO, costed (see :class:`KernelCost`). A kernel inside a
+  loop body counts once (the U-Nets here are unrolled)."""
   try:
     text = compiled.as_text()
   except Exception:  # pylint: disable=broad-except  (some runtimes cannot print a compiled program)
-    return 0
-  return len(re.findall(r'custom_call_target="tpu_custom_call"', text or ""))
+    return []
+  return [kernel_cost(line) for line in (text or "").splitlines()
+          if 'custom_call_target="tpu_custom_call"' in line]
+
+
+def count_pallas_kernels(compiled) -> int:
+  """Pallas TPU kernels (custom calls to ``tpu_custom_call``) in a compiled program's HLO."""
+  return len(pallas_kernels(compiled))
+
+
+def add_pallas_roofline(report: "CompileReport", kernels: Sequence[KernelCost], chip: Chip) -> None:
+  """Sets ``report``'s Pallas fields from ``kernels``: count, the uncosted ones, FLOPs, bytes, roofline seconds."""
+  costed = [k for k in kernels if k.seconds(chip) is not None]
+  report.pallas_kernels = len(kernels)
+  report.pallas_uncosted = len(kernels) - len(costed)
+  report.pallas_flops = float(sum(k.flops for k in costed))
+  report.pallas_bytes = float(sum(k.bytes for k in kernels))
+  report.pallas_seconds = float(sum(k.seconds(chip) for k in costed)) if costed else None
 
 
 def compile_report(lowered, topology_name: str, num_slices: int = 1,
@@ -374,7 +484,7 @@ def compile_report(lowered, topology_name: str, num_slices: int = 1,
   report.generated_code_bytes = mem.get("generated_code", 0)
   report.peak_bytes = mem.get("peak", 0)
   report.flops, report.compiler_seconds = cost_numbers(compiled)
-  report.pallas_kernels = count_pallas_kernels(compiled)
+  add_pallas_roofline(report, pallas_kernels(compiled), topo.chip)
   report.fits = report.peak_bytes <= report.hbm_bytes
   if not report.fits:
     report.needed_bytes = report.peak_bytes
@@ -387,7 +497,7 @@ def format_reports(rows: Sequence[Tuple[str, CompileReport]]) -> str:
   lines = [head]
   for label, r in rows:
     flops = f"{r.useful_flops / 1e12:.3g}" if r.useful_flops is not None else "-"
-    ms = f"{r.compiler_seconds * 1e3:.1f}" if r.compiler_seconds is not None else "-"
+    ms = f"{r.estimated_seconds * 1e3:.1f}" if r.estimated_seconds is not None else "-"
     util = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
     peak = (r.peak_bytes if r.fits else (r.needed_bytes or 0)) / GiB
     slices = r.topology if r.num_slices == 1 else f"{r.num_slices}x{r.topology}"

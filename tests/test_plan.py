@@ -51,3 +51,17 @@ def test_plan_sd15_video_freeze_mask():
   assert unet["total"] - unet["temporal"] == 859_520_964  # the frozen spatial U-Net is exactly SD's
   assert p["params"]["frozen"] == 859_520_964 + p["components"]["vae"]["total"] + \
       p["components"]["text_encoder"]["total"]
+
+
+def test_set_attention_overrides_only_the_unet_attention():
+  config = rds.get_config("stage=base,runlocal")
+  config.model.unet_overrides = dict(config.model.unet_overrides, remat="dots")
+  plan.set_attention(config, "splash")
+  assert config.model.unet_overrides["attention_implementation"] == "splash"
+  assert config.model.unet_overrides["remat"] == "dots"
+  assert plan.attention_of(tasks.get("base")(config)) == "splash"
+  plan.set_attention(config, "auto")  # back to the default: the key is gone
+  assert "attention_implementation" not in config.model.unet_overrides
+  assert plan.attention_of(tasks.get("base")(config)) == "auto"
+  with pytest.raises(ValueError, match="attention='flash'"):
+    plan.set_attention(config, "flash")

@@ -7,7 +7,10 @@ for a Cloud TPU slice on this machine (a CPU host is enough; needs ``libtpu``, s
   python -m videoldm_jax.plan --config=configs/webvid.py:stage=base,variant=sd15 --topology=v5p-8 \
       --per_device_batch=2 [--num_slices=2] [--inputs=latents|pixels] [--json] [--config.dtype=bfloat16 ...]
   # try per-device batch x remat x mesh presets, print every plan and the best one that fits
-  python -m videoldm_jax.plan --config=... --topology=v5p-8 --search
+  python -m videoldm_jax.plan --config=... --topology=v5p-8 --search [--search_attention=auto,splash,blockwise]
+  # the U-Net's attention implementation (auto | xla | blockwise | splash | cudnn); Pallas kernels (splash) are
+  # costed with a roofline term (see aot.pallas_kernels)
+  python -m videoldm_jax.plan --config=... --topology=v5p-8 --attention=splash
   # a chain config (configs/rds.py without stage=): every stage of config.stages, or one with --stage
   python -m videoldm_jax.plan --config=configs/rds.py --topology=v5p-8 [--stage=base]
 
@@ -44,6 +47,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from videoldm_jax import aot, checkpoint, cli, config_lib, optim, parallel, tasks
+from videoldm_jax.models import layers
 from videoldm_jax.models import unet as unet_lib
 
 FLAGS = flags.FLAGS
@@ -165,6 +169,19 @@ def set_remat(config, remat):
   return config
 
 
+def set_attention(config, implementation: Optional[str]):
+  """The U-Net's attention implementation (``UNetConfig.attention_implementation``: one of
+  ``layers.IMPLEMENTATIONS``; None / "auto": XLA's, blockwise for very long sequences)."""
+  impl = None if implementation in (None, "", "auto") else str(implementation)
+  layers.check_implementation(impl, "attention")
+  overrides = dict(config.model.unet_overrides or {})
+  overrides.pop("attention_implementation", None)
+  if impl is not None:
+    overrides["attention_implementation"] = impl
+  config.model.unet_overrides = overrides
+  return config
+
+
 def _remat_of(config) -> str:
   return unet_lib.remat_name((config.model.unet_overrides or {}).get("remat", "none"))
 
@@ -217,17 +234,19 @@ class SlicePlan:
 
 def plan_on_topology(config, topology: str, *, num_slices: int = 1, per_device_batch: Optional[int] = None,
                      inputs: str = "latents", remat=None, mesh: Optional[str] = None, rules: Optional[str] = None,
-                     with_model_flops: bool = True) -> SlicePlan:
+                     attention: Optional[str] = None, with_model_flops: bool = True) -> SlicePlan:
   """Compiles ``config``'s train step for ``num_slices`` x ``topology`` and reports per-device memory and speed.
 
   ``per_device_batch`` (per data-parallel replica, i.e. per device of the ``data x fsdp`` axes; default: the
   config's global ``batch_size``), ``remat`` (U-Net blocks: "none" | "dots" | "full"), ``mesh`` (a
-  ``parallel.PRESETS`` name: ICI knobs + rules) and ``rules`` (a ``parallel.RULES`` preset alone) override the
-  config. Out of memory gives ``report.fits == False`` with the sizes, not an exception.
+  ``parallel.PRESETS`` name: ICI knobs + rules), ``rules`` (a ``parallel.RULES`` preset alone) and ``attention``
+  (the U-Net's attention implementation, see :func:`set_attention`) override the config. Out of memory gives ``report.fits == False`` with the sizes, not an exception.
   """
   config = _copy(config)
   if remat is not None:
     set_remat(config, remat)
+  if attention is not None:
+    set_attention(config, attention)
   preset = mesh
   if preset is not None:
     parallel.apply_preset(config, preset)
@@ -250,10 +269,12 @@ def plan_on_topology(config, topology: str, *, num_slices: int = 1, per_device_b
     total = model_flops(config, int(config.batch_size), inputs)
     report.model_flops = None if total is None else total / len(devices)
   pdb = int(config.batch_size) // dp
+  impl = attention_of(task)
   label = f"{config.stage} b{pdb}/dev remat={_remat_of(config)} {preset or config.mesh.rules}"
+  label += f" attn={impl}" if impl != "auto" else ""
   return SlicePlan(label=label, per_device_batch=pdb, global_batch=int(config.batch_size), remat=_remat_of(config),
                    rules=str(config.mesh.rules), mesh={k: int(v) for k, v in mesh.shape.items()}, report=report,
-                   compile_seconds=seconds, attention=attention_of(task))
+                   compile_seconds=seconds, attention=impl)
 
 
 def attention_of(task) -> str:
@@ -268,24 +289,28 @@ def attention_of(task) -> str:
 SEARCH_BATCHES = (1, 2, 4, 8, 16, 32)
 SEARCH_REMATS = ("none", "dots", "full")
 SEARCH_MESHES = ("dp", "fsdp")
+SEARCH_ATTENTIONS = (None,)  # the config's own
 
 
 def search(config, topology: str, *, num_slices: int = 1, inputs: str = "latents",
            batches: Sequence[int] = SEARCH_BATCHES, remats: Sequence[str] = SEARCH_REMATS,
-           meshes: Sequence[str] = SEARCH_MESHES, log=print) -> Tuple[List[SlicePlan], Optional[SlicePlan]]:
-  """Per-device batch x remat policy x mesh preset (``parallel.PRESETS``). For each (mesh, remat) the batch grows
-  until it no longer fits. Returns every plan tried and the fitting plan with the highest estimated MFU (ties,
-  or no step-time estimate: the larger batch)."""
+           meshes: Sequence[str] = SEARCH_MESHES, attentions: Sequence[Optional[str]] = SEARCH_ATTENTIONS,
+           log=print) -> Tuple[List[SlicePlan], Optional[SlicePlan]]:
+  """Attention implementation x mesh preset (``parallel.PRESETS``) x remat policy x per-device batch. For each
+  (attention, mesh, remat) the batch grows until it no longer fits. Returns every plan tried and the fitting plan
+  with the highest estimated MFU (Pallas kernels costed by their roofline term; ties, or no step-time estimate:
+  the larger batch)."""
   plans: List[SlicePlan] = []
-  for preset in meshes:
-    for remat in remats:
-      for b in batches:
-        p = plan_on_topology(config, topology, num_slices=num_slices, per_device_batch=b, inputs=inputs,
-                             remat=remat, mesh=preset)
-        plans.append(p)
-        log(f"{p.label:<40} {p.report.summary()}  [{p.compile_seconds:.0f}s]")
-        if not p.report.fits:
-          break
+  for attention in attentions:
+    for preset in meshes:
+      for remat in remats:
+        for b in batches:
+          p = plan_on_topology(config, topology, num_slices=num_slices, per_device_batch=b, inputs=inputs,
+                               remat=remat, mesh=preset, attention=attention)
+          plans.append(p)
+          log(f"{p.label:<40} {p.report.summary()}  [{p.compile_seconds:.0f}s]")
+          if not p.report.fits:
+            break
   fitting = [p for p in plans if p.report.fits]
   best = max(fitting, key=lambda p: (p.report.mfu or 0.0, p.per_device_batch), default=None)
   return plans, best
@@ -314,9 +339,10 @@ def _plan_stage(config) -> Tuple[List[SlicePlan], Optional[SlicePlan]]:
   if FLAGS.search:
     return search(config, FLAGS.topology, num_slices=FLAGS.num_slices, inputs=FLAGS.inputs,
                   remats=FLAGS.search_remat, meshes=FLAGS.search_mesh,
+                  attentions=FLAGS.search_attention or [FLAGS.attention],
                   batches=[int(b) for b in FLAGS.search_batches], log=lambda line: logging.info("%s", line))
   p = plan_on_topology(config, FLAGS.topology, num_slices=FLAGS.num_slices, per_device_batch=FLAGS.per_device_batch,
-                       inputs=FLAGS.inputs, remat=FLAGS.remat, mesh=FLAGS.mesh)
+                       inputs=FLAGS.inputs, remat=FLAGS.remat, mesh=FLAGS.mesh, attention=FLAGS.attention)
   return [p], (p if p.report.fits else None)
 
 
@@ -390,6 +416,9 @@ def define_flags() -> None:
   flags.DEFINE_list("search_batches", [str(b) for b in SEARCH_BATCHES], "--search: per-device batches to try.")
   flags.DEFINE_list("search_remat", list(SEARCH_REMATS), "--search: remat policies to try.")
   flags.DEFINE_list("search_mesh", list(SEARCH_MESHES), "--search: mesh presets to try.")
+  flags.DEFINE_enum("attention", None, ["auto"] + [i for i in layers.IMPLEMENTATIONS if i],
+                    "U-Net attention implementation (default: the config's; auto: XLA's, blockwise when very long).")
+  flags.DEFINE_list("search_attention", [], "--search: attention implementations to try (default: --attention).")
 
 
 if __name__ == "__main__":

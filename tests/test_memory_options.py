@@ -157,16 +157,15 @@ def test_splash_compiles_for_tpu_and_saves_memory():
   text, splash, lowered = compiled("splash")
   xla_text, xla, _ = compiled(None)
   assert "tpu_custom_call" in text and "tpu_custom_call" not in xla_text
-  # What the planner adds to the compiler's estimate: forward (2 matmuls), dq (3) and dkv (4) kernels on each
-  # device's 2 clips x 4 heads x 2048 tokens, head_dim 40 padded to 128 lanes.
+  # What the planner adds to the compiler's estimate: the forward (2 matmuls) and the fused backward (5) kernel on
+  # each device's 2 clips x 4 heads x 2048 tokens, head_dim 40 padded to 128 lanes.
   kernels = aot.pallas_kernels(splash)
   assert aot.count_pallas_kernels(xla) == 0
-  assert sorted(k.name for k in kernels) == ["splash_mha_dkv_no_residuals", "splash_mha_dq_no_residuals",
-                                             "splash_mha_fwd_residuals"]
+  assert sorted(k.name for k in kernels) == ["splash_mha_dkv_no_residuals", "splash_mha_fwd_residuals"], kernels
   assert all(k.source == "shapes" and k.bytes > 3 * 2 * 4 * 2048 * 128 * 2 for k in kernels)
-  assert sum(k.flops for k in kernels) == (2 + 3 + 4) * 2 * 2 * 4 * 2048 * 2048 * 128
+  assert sum(k.flops for k in kernels) == (2 + 5) * 2 * 2 * 4 * 2048 * 2048 * 128
   report = aot.compile_report(lowered, "v5p-8")
-  assert report.pallas_kernels == 3 and report.pallas_uncosted == 0 and report.roofline_term_added
+  assert report.pallas_kernels == 2 and report.pallas_uncosted == 0 and report.roofline_term_added
   assert report.pallas_seconds == pytest.approx(sum(k.seconds(aot.CHIPS["v5p"]) for k in kernels), rel=1e-9)
   assert report.estimated_seconds > report.compiler_seconds
   # The kernel never materialises the [b, heads, n, n] logits.

@@ -22,7 +22,7 @@ import dataclasses
 import importlib.util
 import os
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 GiB = 2**30
 
@@ -371,7 +371,8 @@ _COST_ESTIMATE = re.compile(r'\\?"cost_estimate\\?":\s*\{\s*\\?"flops\\?":\s*([0
                             r'\\?"bytes_accessed\\?":\s*([0-9.eE+]+)')
 # Attention kernels costed from their shapes: name -> matmuls of [nq, d] x [d, nk] size each. Forward: S = Q K^T,
 # O = P V. Backward (flash-style, P recomputed): dq kernel S, dP = dO V^T, dQ = dS K; dkv kernel S, dP,
-# dV = P^T dO, dK = dS^T Q; a fused backward kernel does both (5).
+# dV = P^T dO, dK = dS^T Q; a fused backward kernel does both (5: a dkv kernel that also returns dq per key
+# block).
 _ATTENTION_KERNELS = ((re.compile(r"(splash|flash)\w*_dkv"), 4), (re.compile(r"(splash|flash)\w*_dq"), 3),
                       (re.compile(r"(splash|flash)\w*fwd"), 2))
 
@@ -422,13 +423,36 @@ def kernel_cost(instruction: str) -> KernelCost:
   if est:
     return KernelCost(name, float(est.group(1)), float(est.group(2)), "kernel")
   matmuls = next((n for rx, n in _ATTENTION_KERNELS if rx.search(name)), 0)
-  if matmuls == 4 and re.search(r'use_fused_bwd_kernel\\?":\s*true', instruction):
-    matmuls = 5
+  if matmuls == 4 and any(len(dims) == 5 for _, dims in _shapes(result)):
+    matmuls = 5  # a fused backward kernel: it also returns dq, unreduced over key blocks (rank 5)
   qk = [dims for _, dims in operands if len(dims) == 4][:2]
   if matmuls and len(qk) == 2 and qk[0][:2] == qk[1][:2] and qk[0][3] == qk[1][3]:
     (b, h, nq, d), nk = qk[0], qk[1][2]
     return KernelCost(name, 2.0 * matmuls * b * h * nq * nk * d, moved, "shapes")
   return KernelCost(name, None, moved, "unknown")
+
+
+_INSTRUCTION_START = re.compile(r"\s*(ROOT\s+)?%[\w.-]+\s*=\s")
+
+
+def _instructions(text: str) -> Iterable[str]:
+  """HLO instructions of a module's text, each on one line: the printer wraps long attributes (a kernel's
+  metadata) onto the lines that follow, so an instruction runs until its braces balance."""
+  current: List[str] = []
+  depth = 0
+  for line in text.splitlines():
+    if current:
+      current.append(line.strip())
+    elif _INSTRUCTION_START.match(line):
+      current = [line]
+    else:
+      continue
+    depth += line.count("{") - line.count("}")
+    if depth <= 0:
+      yield " ".join(current)
+      current, depth = [], 0
+  if current:
+    yield " ".join(current)
 
 
 def pallas_kernels(compiled) -> List[KernelCost]:
@@ -438,8 +462,8 @@ def pallas_kernels(compiled) -> List[KernelCost]:
     text = compiled.as_text()
   except Exception:  # pylint: disable=broad-except  (some runtimes cannot print a compiled program)
     return []
-  return [kernel_cost(line) for line in (text or "").splitlines()
-          if 'custom_call_target="tpu_custom_call"' in line]
+  return [kernel_cost(ins) for ins in _instructions(text or "")
+          if 'custom_call_target="tpu_custom_call"' in ins]
 
 
 def count_pallas_kernels(compiled) -> int:

@@ -240,7 +240,8 @@ def plan_on_topology(config, topology: str, *, num_slices: int = 1, per_device_b
   ``per_device_batch`` (per data-parallel replica, i.e. per device of the ``data x fsdp`` axes; default: the
   config's global ``batch_size``), ``remat`` (U-Net blocks: "none" | "dots" | "full"), ``mesh`` (a
   ``parallel.PRESETS`` name: ICI knobs + rules), ``rules`` (a ``parallel.RULES`` preset alone) and ``attention``
-  (the U-Net's attention implementation, see :func:`set_attention`) override the config. Out of memory gives ``report.fits == False`` with the sizes, not an exception.
+  (the U-Net's attention implementation, see :func:`set_attention`) override the config. Out of memory gives
+  ``report.fits == False`` with the sizes, not an exception.
   """
   config = _copy(config)
   if remat is not None:

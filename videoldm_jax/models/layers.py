@@ -224,8 +224,10 @@ def _splash_attention(q, k, v):
   pad = (-d) % _LANES
   to_kernel = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, 0), (0, pad)))  # [b, h, n, d']
   block = math.gcd(n, _SPLASH_BLOCK)
+  # One fused backward kernel (dq, dk, dv from one recomputation of the probabilities: 5 matmuls per block instead
+  # of the separate dq and dkv kernels' 3 + 4); dq comes back per key block and is summed by XLA.
   sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+                        block_kv_dkv=block, block_kv_dkv_compute=block, use_fused_bwd_kernel=True)
   kernel = jax.vmap(sk.make_splash_mha(sk.MultiHeadMask([sk.FullMask((n, n))] * h), head_shards=1,
                                        q_seq_shards=1, block_sizes=sizes))
   mesh = jax.sharding.get_abstract_mesh()

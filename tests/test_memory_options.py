@@ -2,6 +2,7 @@
 frozen backbone stored in bf16 (half the frozen bytes, trainable state stays fp32) and their config validation."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +138,20 @@ def test_splash_falls_back_to_xla_off_tpu():
                                                      self_attention=True) ** 2))(q)
   (a, ga), (b, gb) = f(None), f("splash")
   assert _max_err(a, b) < 1e-5 * abs(float(a)) and _max_err(ga, gb) < 1e-5
+
+
+def test_splash_kernel_matches_xla_attention_in_the_pallas_interpreter():
+  """The TPU path itself (head_dim padded to 128 lanes, the scale, the layout changes, the fused backward kernel),
+  run by Pallas' interpreter on CPU: values and gradients equal XLA's attention."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 1024, 2, 40), np.float32)) for _ in range(3))
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+  splash = functools.partial(layers._splash_attention, interpret=True)  # pylint: disable=protected-access
+  (a, ga), (b, gb) = (jax.value_and_grad(loss(f), argnums=(0, 1, 2))(q, k, v)
+                      for f in (splash, jax.nn.dot_product_attention))
+  assert abs(float(a) - float(b)) < 1e-4 * max(1.0, abs(float(b)))
+  for x, y in zip(ga, gb):
+    assert _max_err(x, y) < 1e-4 * float(jnp.max(jnp.abs(y))), _max_err(x, y)
 
 
 @pytest.mark.skipif(not aot.libtpu_available(), reason="libtpu not installed (pip install 'jax[tpu]')")

@@ -216,9 +216,10 @@ _SPLASH_BLOCK = 512
 _LANES = 128
 
 
-def _splash_attention(q, k, v):
+def _splash_attention(q, k, v, *, interpret: bool = False):
   """``[b, n, h, d]`` self-attention through the TPU splash kernel (head_dim zero-padded to the 128 lanes;
-  the batch split over the context mesh's batch axes with ``shard_map``). Lowers for TPU only."""
+  the batch split over the context mesh's batch axes with ``shard_map``). Lowers for TPU only, or anywhere with
+  ``interpret`` (Pallas' interpreter: the same kernel, slowly; what the CPU tests check it with)."""
   from jax.experimental.pallas.ops.tpu import splash_attention as sk  # pylint: disable=g-import-not-at-top
   _, n, h, d = q.shape
   pad = (-d) % _LANES
@@ -229,7 +230,7 @@ def _splash_attention(q, k, v):
   sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                         block_kv_dkv=block, block_kv_dkv_compute=block, use_fused_bwd_kernel=True)
   kernel = jax.vmap(sk.make_splash_mha(sk.MultiHeadMask([sk.FullMask((n, n))] * h), head_shards=1,
-                                       q_seq_shards=1, block_sizes=sizes))
+                                       q_seq_shards=1, block_sizes=sizes, interpret=interpret))
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:  # a Pallas call is opaque to the SPMD partitioner: run it per batch shard
     axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and q.shape[0] % mesh.shape[a] == 0)

@@ -509,3 +509,15 @@ def test_non_finite_stop_names_the_checkpoint_saved_before_the_loss_diverged(tmp
   assert "at step 10" in msg and "from step 5 on" in msg, msg
   assert "Last good checkpoint: step 4 " in msg and "step 8 is finite but was saved after the divergence" in msg, msg
 
+
+
+def test_tree_metadata_is_read_again_after_a_rewrite(tmp_path):
+  """Metadata is cached per directory and version: the same directory written again (``save_params`` with
+  force) gives the new tree, not the cached one."""
+  path = str(tmp_path / "frozen")
+  checkpoint.save_params(path, {"a": np.zeros((2, 3), np.float32)})
+  first = checkpoint.tree_metadata(path)
+  assert checkpoint.tree_metadata(path) == first and tuple(first["a"].shape) == (2, 3)
+  checkpoint.save_params(path, {"a": np.zeros((4,), np.float32), "b": np.zeros((1,), np.float32)})
+  second = checkpoint.tree_metadata(path)
+  assert sorted(second) == ["a", "b"] and tuple(second["a"].shape) == (4,)

@@ -164,6 +164,10 @@ def test_context_guidance_scales(predictor):
   want = null_off + 2.0 * (uncond - null_off) + 1.5 * (cond - uncond)
   np.testing.assert_allclose(guided(2.0, 1.5), want, atol=1e-4)
   np.testing.assert_allclose(guided(2.0, 0.0), null_off + 2.0 * (uncond - null_off), atol=1e-4)
+  # Context scale 1: no context term; label CFG with the context frames present (two U-Net passes).
+  null_on = direct(mask, False)
+  assert float(jnp.abs(null_on - null_off).max()) > 1e-3
+  np.testing.assert_allclose(guided(2.0, 1.0), null_on + 2.0 * (cond - null_on), atol=1e-4)
 
 
 def test_training_masks(predictor):

@@ -27,6 +27,8 @@ Sampling: known frames of ``x_t`` are re-imposed at every step as ``q(x_t | z_kn
 training) and exactly at the end; context guidance ``f(∅) + s (f(c_S) - f(∅))`` composes with label / text CFG
 (``diffusion.composed_guided_prediction``): conditions ``[(∅, ∅), (y, ∅), (y, c_S)]``, terms
 ``[(s_y, 1, 0), (s, 2, 1)]``, dropping the conditions a scale of exactly 1 (labels) or 0 (context) makes unused.
+At a context scale of exactly 1 there is no context guidance: label CFG is taken with the context present,
+conditions ``[(∅, c_S), (y, c_S)]`` (two U-Net passes per step instead of three; the interpolator's default).
 """
 
 from __future__ import annotations
@@ -249,23 +251,26 @@ class MaskedTask(LatentDiffusionTask):
       return dict(shared, context=ctx, mask=m)
 
     off = jnp.zeros_like(mask)
-    if ctx_null is None:  # label CFG at scale 1 (or no labels): f(y, ∅) + s (f(y, c) - f(y, ∅))
+    if s_c == 1.0:  # no context guidance: the context is present in every pass; label CFG when s_y != 1
+      conditions, terms = (([cond(ctx_y, mask)], []) if ctx_null is None else
+                           ([cond(ctx_null, mask), cond(ctx_y, mask)], [(s_y, 1, 0)]))
+    elif ctx_null is None:  # label CFG at scale 1 (or no labels): f(y, ∅) + s (f(y, c) - f(y, ∅))
       conditions, terms = [cond(ctx_y, off), cond(ctx_y, mask)], [(s_c, 1, 0)]
     else:
       conditions, terms = [cond(ctx_null, off), cond(ctx_y, off), cond(ctx_y, mask)], [(s_y, 1, 0), (s_c, 2, 1)]
-    if s_c == 1.0 and ctx_null is None:
-      conditions, terms = [cond(ctx_y, mask)], []
-    elif s_c == 0.0:  # the context term vanishes
+    if s_c == 0.0:  # the context term vanishes
       conditions, terms = conditions[:-1], terms[:-1]
 
+    return functools.partial(self._composed, params, conditions, terms)
+
+  def _composed(self, params, conditions, terms, x, t):
+    """``diffusion.composed_guided_prediction`` of the U-Net over ``conditions`` (dicts of context, latents, mask,
+    level, regime), one batched call."""
     def unet_fn(x, t, c):
       return self.denoise(params, x.astype(self.dtype), t, c["context"],
                           **self.unet_cond(c["latents"], c["mask"], c["level"], c.get("regime"))).astype(jnp.float32)
 
-    def model_fn(x, t):
-      return diffusion.composed_guided_prediction(unet_fn, x, t, conditions, terms)
-
-    return model_fn
+    return diffusion.composed_guided_prediction(unet_fn, x, t, conditions, terms)
 
   def sample_window(self, params, batch, z_known, mask, rng, *, regime=None, guidance_scale=None,
                     context_guidance=None) -> jax.Array:

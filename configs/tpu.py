@@ -37,12 +37,15 @@ RUNS = {
 }
 
 # (run, chip) -> per-device batch, mesh preset (parallel.PRESETS: "dp" replicates the parameters, "fsdp" shards
-# parameters and optimizer state over the slice) and U-Net remat policy ("none" | "dots" | "full"), as
-# ``python -m videoldm_jax.plan`` reported them (benchmarks/plan_table.py; README "Training on Cloud TPU").
+# parameters and optimizer state over the slice), U-Net remat policy ("none" | "dots" | "full") and attention
+# implementation (absent: XLA's), as ``python -m videoldm_jax.plan`` reported them (benchmarks/plan_table.py; README "Training on Cloud TPU").
 # measured=False: not compiled yet, carried over from the closest measured entry (same U-Net / same chip).
 PLANS = {
-    ("t2v_sd15", "v5p"): dict(per_device_batch=8, mesh="dp", remat="none", measured=True),     # 89.9 / 95.7 GiB
-    ("t2v_sd15", "v6e"): dict(per_device_batch=2, mesh="fsdp", remat="none", measured=False),  # b4: needs 33.4 GiB
+    # splash: the level-0 self-attention (2560 tokens) through the Pallas kernel on TPU (XLA elsewhere).
+    ("t2v_sd15", "v5p"): dict(per_device_batch=8, mesh="dp", remat="none", attention="splash",
+                              measured=True),                                                   # 89.3 / 95.7 GiB
+    ("t2v_sd15", "v6e"): dict(per_device_batch=4, mesh="fsdp", remat="none", attention="splash",
+                              measured=True),                                                   # 28.6 / 31.25 GiB
     ("t2v_sd21", "v5p"): dict(per_device_batch=8, mesh="dp", remat="none", measured=False),
     ("t2v_sd21", "v6e"): dict(per_device_batch=2, mesh="fsdp", remat="none", measured=False),
     ("rds_image", "v5p"): dict(per_device_batch=64, mesh="dp", remat="none", measured=True),   # 3.5 / 95.7 GiB
@@ -74,5 +77,7 @@ def get_config(arg=None):
   c.frozen_dtype = "bfloat16"  # the frozen backbone (SD U-Net, VAE, text encoder) stored in bf16
   c.data.source = "latents"    # data_pipelines/encode_latents.py output in --config.data.data_dir
   c.model.unet_overrides = dict(c.model.unet_overrides, remat=p["remat"])
+  if p.get("attention"):
+    c.model.unet_overrides = dict(c.model.unet_overrides, attention_implementation=p["attention"])
   parallel.apply_preset(c, p["mesh"])
   return c

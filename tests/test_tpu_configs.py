@@ -20,8 +20,10 @@ def _data_parallel(config, num_devices: int, num_slices: int = 1) -> int:
 
 
 def _model_without_remat(config) -> dict:
+  """The model config without the plan's settings (remat policy, attention implementation)."""
   model = config.model.to_dict()
-  model["unet_overrides"] = {k: v for k, v in dict(model["unet_overrides"]).items() if k != "remat"}
+  model["unet_overrides"] = {k: v for k, v in dict(model["unet_overrides"]).items()
+                             if k not in ("remat", "attention_implementation")}
   return model
 
 
@@ -39,6 +41,9 @@ def test_runs_are_valid_bf16_stages_of_their_pipeline(run, chip):
   for key in ("num_frames", "height", "width"):
     assert c.data[key] == base.data[key], key
   assert _model_without_remat(c) == _model_without_remat(base)
+  plan = tpu.PLANS[(run, tpu.SIMILAR.get(chip, chip))]
+  assert c.model.unet_overrides.get("attention_implementation") == plan.get("attention")
+  assert c.model.unet_overrides["remat"] == ("full" if chip == "v5e" else plan["remat"])
 
 
 @pytest.mark.parametrize("chip", CHIPS)

@@ -261,16 +261,14 @@ class MaskedTask(LatentDiffusionTask):
     if s_c == 0.0:  # the context term vanishes
       conditions, terms = conditions[:-1], terms[:-1]
 
-    return functools.partial(self._composed, params, conditions, terms)
-
-  def _composed(self, params, conditions, terms, x, t):
-    """``diffusion.composed_guided_prediction`` of the U-Net over ``conditions`` (dicts of context, latents, mask,
-    level, regime), one batched call."""
     def unet_fn(x, t, c):
       return self.denoise(params, x.astype(self.dtype), t, c["context"],
                           **self.unet_cond(c["latents"], c["mask"], c["level"], c.get("regime"))).astype(jnp.float32)
 
-    return diffusion.composed_guided_prediction(unet_fn, x, t, conditions, terms)
+    def model_fn(x, t):
+      return diffusion.composed_guided_prediction(unet_fn, x, t, conditions, terms)
+
+    return model_fn
 
   def sample_window(self, params, batch, z_known, mask, rng, *, regime=None, guidance_scale=None,
                     context_guidance=None) -> jax.Array:

@@ -38,7 +38,8 @@ RUNS = {
 
 # (run, chip) -> per-device batch, mesh preset (parallel.PRESETS: "dp" replicates the parameters, "fsdp" shards
 # parameters and optimizer state over the slice), U-Net remat policy ("none" | "dots" | "full") and attention
-# implementation (absent: XLA's), as ``python -m videoldm_jax.plan`` reported them (benchmarks/plan_table.py; README "Training on Cloud TPU").
+# implementation (absent: XLA's), as ``python -m videoldm_jax.plan`` reported them (benchmarks/plan_table.py;
+# README "Training on Cloud TPU").
 # measured=False: not compiled yet, carried over from the closest measured entry (same U-Net / same chip).
 PLANS = {
     # splash: the level-0 self-attention (2560 tokens) through the Pallas kernel on TPU (XLA elsewhere).
@@ -78,8 +79,7 @@ def get_config(arg=None):
   c.dtype = "bfloat16"         # bf16 compute; trainable params, gradients and optimizer state stay fp32
   c.frozen_dtype = "bfloat16"  # the frozen backbone (SD U-Net, VAE, text encoder) stored in bf16
   c.data.source = "latents"    # data_pipelines/encode_latents.py output in --config.data.data_dir
-  c.model.unet_overrides = dict(c.model.unet_overrides, remat=p["remat"])
-  if p.get("attention"):
-    c.model.unet_overrides = dict(c.model.unet_overrides, attention_implementation=p["attention"])
+  attention = {"attention_implementation": p["attention"]} if p.get("attention") else {}
+  c.model.unet_overrides = dict(c.model.unet_overrides, remat=p["remat"], **attention)
   parallel.apply_preset(c, p["mesh"])
   return c

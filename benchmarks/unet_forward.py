@@ -12,6 +12,7 @@ max-abs difference of the outputs as a sanity check.
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import sys
 import time
@@ -88,7 +89,8 @@ def benchmark(args):
   jax_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
   config = unet_lib.UNetConfig(**{**PRESETS[args.config]().to_dict(), "attention_implementation": args.attention})
   print(f"{args.config} U-Net, {args.size}x{args.size} latents, {args.dtype}, {args.device} "
-        f"(torch {torch.__version__}, {torch.get_num_threads()} threads; jax {jax.__version__} on {jax_device})")
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads; jax {jax.__version__} on {jax_device}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})")
 
   model = build_torch_model(config)
   print(f"params: {sum(p.numel() for p in model.parameters()):,}")

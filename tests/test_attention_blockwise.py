@@ -131,14 +131,14 @@ def test_video_unet_blockwise_equals_xla(monkeypatch):
   blockwise = layers.blockwise_attention
   monkeypatch.setattr(layers, "blockwise_attention", lambda *a, **kw: calls.append(1) or blockwise(*a, **kw))
   outs = {}
-  for impl in (None, "blockwise"):
+  for impl in ("xla", "blockwise"):
     model = unet_lib.UNet(unet_lib.tiny(temporal=temporal, attention_implementation=impl))
     outs[impl] = jax.jit(model.apply)({"params": params}, x, ts, ctx)
-  assert outs[None].shape == x.shape
+  assert outs["xla"].shape == x.shape
   paths = jax.tree_util.tree_flatten_with_path(params)[0]
   num_attention = sum(1 for path, _ in paths if "to_q" in jax.tree_util.keystr(path))
   assert num_attention >= 8 and len(calls) == num_attention  # every attention layer went blockwise
-  assert _rel_err(outs["blockwise"], outs[None]) < 1e-5
+  assert _rel_err(outs["blockwise"], outs["xla"]) < 1e-5
 
 
 def test_vae_mid_block_attention_blockwise_equals_xla(monkeypatch):
@@ -162,22 +162,49 @@ def test_blockwise_compiles_to_less_temporary_memory():
     return jax.jit(fn).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
 
   for grad in (False, True):
-    blockwise, xla = temp_bytes("blockwise", grad), temp_bytes(None, grad)
+    blockwise, xla = temp_bytes("blockwise", grad), temp_bytes("xla", grad)
     assert blockwise < 4096 * 4096 * 4 / 2 and blockwise < xla / 4, (grad, blockwise, xla)
+
+
+def _lowered_text(impl, tokens, platform):
+  y = jax.ShapeDtypeStruct((1, tokens, 64), jnp.float32)
+  attend = lambda q, k, v: layers.dot_product_attention(q, k, v, num_heads=1, implementation=impl)
+  return jax.jit(attend).trace(y, y, y).lower(lowering_platforms=(platform,)).as_text()
 
 
 def test_default_runs_huge_attention_blockwise():
   """implementation=None switches to blockwise at ``AUTO_BLOCKWISE_SCORES`` logits (8192 tokens of self-attention:
-  a pixel upsampler's bottleneck at 128x256, SVD's first level): compile only, forward pass."""
-  n = 8192
+  a pixel upsampler's bottleneck at 128x256, SVD's first level), seen in the program lowered for TPU (blockwise is
+  a loop; XLA's attention is none). On CPU None is blockwise from ``CPU_BLOCKWISE_TOKENS``."""
+  assert 8192 * 8192 >= layers.AUTO_BLOCKWISE_SCORES > 4096 * 4096
+  assert "stablehlo.while" in _lowered_text(None, 8192, "tpu")
+  assert "stablehlo.while" not in _lowered_text(None, 4096, "tpu")  # below the threshold: XLA's attention
+  assert "stablehlo.while" not in _lowered_text("xla", 8192, "tpu")
+  assert "stablehlo.while" in _lowered_text(None, layers.CPU_BLOCKWISE_TOKENS, "cpu")
+  assert "stablehlo.while" not in _lowered_text(None, layers.CPU_BLOCKWISE_TOKENS - 1, "cpu")
 
-  def temp_bytes(impl, tokens):
-    y = jax.ShapeDtypeStruct((1, tokens, 64), jnp.float32)
-    attend = lambda q, k, v: layers.dot_product_attention(q, k, v, num_heads=1, implementation=impl)
-    return jax.jit(attend).lower(y, y, y).compile().memory_analysis().temp_size_in_bytes
 
-  assert n * n >= layers.AUTO_BLOCKWISE_SCORES
-  auto, xla = temp_bytes(None, n), temp_bytes("xla", n)
-  assert xla >= n * n * 4 and auto < xla / 16, (auto, xla)
-  # Below the threshold the default is XLA's attention, unchanged.
-  assert temp_bytes(None, 4096) == temp_bytes("xla", 4096)
+@pytest.mark.parametrize("shape", [(2, 600, 520, 2, 8), (2, 37, 77, 3, 8), (3, 5, 5, 2, 4)],
+                         ids=["blockwise", "one_piece", "frames"])
+def test_cpu_default_matches_xla(shape):
+  """The CPU default (heads-major; blockwise in CPU blocks from ``CPU_BLOCKWISE_TOKENS``): values and gradients
+  equal XLA's attention, with every mask kind, through ``dot_product_attention``'s [b, n, h * d] interface."""
+  b, nq, nk, h, d = shape
+  q, k, v = (x.reshape(x.shape[0], x.shape[1], h * d) for x in _qkv(b, nq, nk, h, d, seed=2))
+  masks = _masks(b, h, nq, nk, seed=2)
+
+  def run(impl):
+    def fn(q, k, v):
+      results = {}
+      for name, mask in masks.items():
+        attend = lambda q, k, v: layers.dot_product_attention(q, k, v, num_heads=h, mask=mask, implementation=impl)
+        results[name] = jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(attend(*a))), (0, 1, 2))(q, k, v)
+        results[name + "/out"] = attend(q, k, v)
+      return results
+    return jax.jit(fn)(q, k, v)
+
+  cpu, xla = run(None), run("xla")
+  for name in masks:
+    assert _rel_err(cpu[name + "/out"], xla[name + "/out"]) < 1e-5, name
+    for g, r, what in zip(cpu[name][1], xla[name][1], "qkv"):
+      assert _rel_err(g, r) < 2e-5, (name, what)

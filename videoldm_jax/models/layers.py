@@ -257,6 +257,12 @@ AUTO_BLOCKWISE_SCORES = 8192 * 8192
 # The logit jax.nn.dot_product_attention gives masked-out keys: finite, so a fully masked row averages every key.
 _MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
+# implementation=None on CPU (``_cpu_attention``): self/cross attention with at least this many queries and keys
+# runs blockwise in blocks of these sizes (SD's 4096-token self-attention, 8 x 40-dim heads, batch 2, fp32 on 2
+# cores: 0.34 s, against 1.8 s for jax.nn.dot_product_attention and 0.30 s for PyTorch's fused CPU kernel).
+CPU_BLOCKWISE_TOKENS = 512
+CPU_Q_BLOCK, CPU_KV_BLOCK = 256, 512
+
 IMPLEMENTATIONS = (None, "xla", "cudnn", "splash", "blockwise")
 
 
@@ -276,9 +282,9 @@ def _split(n: int, block: int) -> Tuple[int, int]:
   return count, -(-n // count)
 
 
-def _to_blocks(x, count: int, size: int, axis: int = 1):
-  """Zero-pads ``axis`` to ``count * size`` and moves the block index to the front: ``[b, n, ...]`` ->
-  ``[count, b, size, ...]`` (for ``axis=1``)."""
+def _to_blocks(x, count: int, size: int, axis: int = 2):
+  """Zero-pads ``axis`` to ``count * size`` and moves the block index to the front: ``[b, h, n, ...]`` ->
+  ``[count, b, h, size, ...]`` (for ``axis=2``)."""
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, count * size - x.shape[axis])
   x = jnp.pad(x, pad)
@@ -286,9 +292,9 @@ def _to_blocks(x, count: int, size: int, axis: int = 1):
 
 
 def _from_blocks(x, n: int):
-  """``[count, b, size, ...]`` -> ``[b, n, ...]`` (drops the padding)."""
-  x = jnp.moveaxis(x, 0, 1)
-  return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :n]
+  """``[count, b, h, size, ...]`` -> ``[b, h, n, ...]`` (drops the padding)."""
+  x = jnp.moveaxis(x, 0, 2)
+  return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :n]
 
 
 class _Blocks:
@@ -315,9 +321,9 @@ class _Blocks:
     self.mask = mask
 
   def logits(self, qi, kj, i, j):
-    """fp32 scaled logits ``[b, h, qb, kb]`` of query block ``qi`` ``[b, qb, h, d]`` (index ``i``) against key
-    block ``kj`` (index ``j``): masked keys at jax's large negative logit, padding keys at -inf."""
-    s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=jnp.float32) * self.scale
+    """fp32 scaled logits ``[b, h, qb, kb]`` of query block ``qi`` ``[b, h, qb, d]`` (index ``i``) against key
+    block ``kj`` ``[b, h, kb, d]`` (index ``j``): masked keys at jax's large negative logit, padding keys at -inf."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=jnp.float32) * self.scale
     if self.mask is not None:
       s = jnp.where(self.mask_block(i, j), s, _MASKED_LOGIT)
     if self.nkb * self.kb != self.nk:  # padding keys never count, not even in a fully masked row
@@ -329,12 +335,17 @@ class _Blocks:
     return self.mask[i if self.mask_q else 0, j if self.mask_k else 0]
 
 
+# The blockwise kernels work heads-major (``[b, h, n, d]``): every block product is then a plain batched matmul
+# over contiguous rows, which XLA:CPU runs 2.5-5x faster than the same einsums on ``[b, n, h, d]`` (and the TPU /
+# GPU compilers choose their own layouts either way).
+
 def _blockwise_forward(q, k, v, mask, q_block, kv_block):
-  """Online softmax: a ``lax.map`` over query blocks, each a ``lax.scan`` over key blocks carrying the running max
-  ``m``, the running sum ``l`` (both ``[b, h, qb]`` fp32) and the unnormalised output (fp32). Returns the output
-  ``[b, nq, h, dv]`` and the blocked ``m``, ``l`` ``[nqb, b, h, qb]`` for the backward pass."""
-  b, nq, h, d = q.shape
-  nk, dv = k.shape[1], v.shape[-1]
+  """Online softmax on heads-major ``q`` ``[b, h, nq, d]``, ``k`` / ``v`` ``[b, h, nk, d(v)]``: a ``lax.map``
+  over query blocks, each a ``lax.scan`` over key blocks carrying the running max ``m``, the running sum ``l``
+  (both ``[b, h, qb]`` fp32) and the unnormalised output (fp32). Returns the output ``[b, h, nq, dv]`` and the
+  blocked ``m``, ``l`` ``[nqb, b, h, qb]`` for the backward pass."""
+  b, h, nq, d = q.shape
+  nk, dv = k.shape[2], v.shape[-1]
   blk = _Blocks(nq, nk, d, mask, q_block, kv_block)
   kbs, vbs = _to_blocks(k, blk.nkb, blk.kb), _to_blocks(v, blk.nkb, blk.kb)
 
@@ -350,13 +361,13 @@ def _blockwise_forward(q, k, v, mask, q_block, kv_block):
       alpha = jnp.exp(m - m_new)
       p = jnp.exp(s - m_new[..., None])
       l = alpha * l + p.sum(-1)
-      pv = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
-      return (m_new, l, acc * jnp.swapaxes(alpha, 1, 2)[..., None] + pv), None
+      pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+      return (m_new, l, acc * alpha[..., None] + pv), None
 
     init = (jnp.full((b, h, blk.qb), -jnp.inf, jnp.float32), jnp.zeros((b, h, blk.qb), jnp.float32),
-            jnp.zeros((b, blk.qb, h, dv), jnp.float32))
+            jnp.zeros((b, h, blk.qb, dv), jnp.float32))
     (m, l, acc), _ = jax.lax.scan(kv_step, init, (kbs, vbs, jnp.arange(blk.nkb)))
-    return (acc / jnp.swapaxes(l, 1, 2)[..., None]).astype(q.dtype), m, l
+    return (acc / l[..., None]).astype(q.dtype), m, l
 
   out, m, l = jax.lax.map(q_block_fn, (_to_blocks(q, blk.nqb, blk.qb), jnp.arange(blk.nqb)))
   return _from_blocks(out, nq), (m, l)
@@ -376,15 +387,15 @@ def _blockwise_bwd(q_block, kv_block, res, dout):
   """Recomputes each probability block from the saved row statistics (flash-attention's backward): a scan over
   query blocks carrying the fp32 dk / dv accumulators, each a scan over key blocks carrying dq of the block."""
   q, k, v, mask, out, (m, l) = res
-  b, nq, h, d = q.shape
-  nk = k.shape[1]
+  b, h, nq, d = q.shape
+  nk = k.shape[2]
   blk = _Blocks(nq, nk, d, mask, q_block, kv_block)
   kbs, vbs = _to_blocks(k, blk.nkb, blk.kb), _to_blocks(v, blk.nkb, blk.kb)
   dout = dout.astype(q.dtype)
   dobs = _to_blocks(dout, blk.nqb, blk.qb)  # zero on padded query rows: they contribute nothing
   # delta_i = sum_j p_ij dp_ij = <dout_i, out_i>
-  delta = _to_blocks(jnp.einsum("bqhd,bqhd->bhq", dout, out, preferred_element_type=jnp.float32),
-                     blk.nqb, blk.qb, axis=2)
+  delta = _to_blocks(jnp.einsum("bhqd,bhqd->bhq", dout, out, preferred_element_type=jnp.float32),
+                     blk.nqb, blk.qb)
 
   def q_step(carry, xs):
     dk_acc, dv_acc = carry
@@ -393,14 +404,14 @@ def _blockwise_bwd(q_block, kv_block, res, dout):
     def kv_step(dqi, xs):
       kj, vj, dkj, dvj, j = xs
       p = jnp.exp(blk.logits(qi, kj, i, j) - mi[..., None]) / li[..., None]
-      dvj = dvj + jnp.einsum("bhqk,bqhd->bkhd", p.astype(v.dtype), doi, preferred_element_type=jnp.float32)
-      dp = jnp.einsum("bqhd,bkhd->bhqk", doi, vj, preferred_element_type=jnp.float32)
+      dvj = dvj + jnp.einsum("bhqk,bhqd->bhkd", p.astype(v.dtype), doi, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bhqd,bhkd->bhqk", doi, vj, preferred_element_type=jnp.float32)
       ds = p * (dp - deltai[..., None])
       if blk.mask is not None:  # a masked logit is a constant: no gradient flows through it
         ds = jnp.where(blk.mask_block(i, j), ds, 0.0)
       ds = (ds * blk.scale).astype(q.dtype)
-      dqi = dqi + jnp.einsum("bhqk,bkhd->bqhd", ds, kj, preferred_element_type=jnp.float32)
-      dkj = dkj + jnp.einsum("bhqk,bqhd->bkhd", ds, qi, preferred_element_type=jnp.float32)
+      dqi = dqi + jnp.einsum("bhqk,bhkd->bhqd", ds, kj, preferred_element_type=jnp.float32)
+      dkj = dkj + jnp.einsum("bhqk,bhqd->bhkd", ds, qi, preferred_element_type=jnp.float32)
       return dqi, (dkj, dvj)
 
     dqi, (dk_acc, dv_acc) = jax.lax.scan(kv_step, jnp.zeros(qi.shape, jnp.float32),
@@ -415,6 +426,11 @@ def _blockwise_bwd(q_block, kv_block, res, dout):
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def _heads_major(*xs):
+  """``[b, n, h, d]`` <-> ``[b, h, n, d]`` for each of ``xs``."""
+  return tuple(jnp.swapaxes(x, 1, 2) for x in xs)
 
 
 def blockwise_attention(q, k, v, mask: Optional[jax.Array] = None, *, q_block: Optional[int] = None,
@@ -443,8 +459,29 @@ def blockwise_attention(q, k, v, mask: Optional[jax.Array] = None, *, q_block: O
     if mask.dtype != jnp.bool_ or mask.ndim > 4:
       raise ValueError(f"blockwise attention: mask must be boolean of rank <= 4, got {mask.dtype}{mask.shape}")
     jnp.broadcast_shapes(mask.shape, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
-  return _blockwise(q, k, v, mask, BLOCKWISE_Q_BLOCK if q_block is None else q_block,
-                    BLOCKWISE_KV_BLOCK if kv_block is None else kv_block)
+  out = _blockwise(*_heads_major(q, k, v), mask, BLOCKWISE_Q_BLOCK if q_block is None else q_block,
+                   BLOCKWISE_KV_BLOCK if kv_block is None else kv_block)
+  return _heads_major(out)[0]
+
+
+def _heads_major_attention(q, k, v, mask: Optional[jax.Array] = None):
+  """``jax.nn.dot_product_attention``'s result (same scale, masked logit and fp32 softmax) computed heads-major
+  with the normalisation after the value product. ``[b, n, h, d]`` in and out."""
+  q, k, v = _heads_major(q, k, v)
+  s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
+  if mask is not None:
+    s = jnp.where(mask, s, _MASKED_LOGIT)
+  p = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+  out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return _heads_major((out / p.sum(-1, keepdims=True)).astype(q.dtype))[0]
+
+
+def _cpu_attention(q, k, v, mask: Optional[jax.Array] = None):
+  """``implementation=None`` on CPU: heads-major, blockwise once queries and keys both reach
+  ``CPU_BLOCKWISE_TOKENS`` (CPU-sized blocks), else in one piece. ``[b, n, h, d]`` in and out."""
+  if min(q.shape[1], k.shape[1]) >= CPU_BLOCKWISE_TOKENS:
+    return blockwise_attention(q, k, v, mask, q_block=CPU_Q_BLOCK, kv_block=CPU_KV_BLOCK)
+  return _heads_major_attention(q, k, v, mask)
 
 
 def dot_product_attention(q, k, v, *, num_heads: int, mask: Optional[jax.Array] = None,
@@ -460,6 +497,8 @@ def dot_product_attention(q, k, v, *, num_heads: int, mask: Optional[jax.Array] 
   ``jax.nn.dot_product_attention`` ("cudnn" for fused GPU). None (the default) is XLA's attention unless its score
   matrix would hold ``AUTO_BLOCKWISE_SCORES`` or more logits per image and head (whole-frame sampling of a model
   trained on crops, 576x1024 latents, ...): those run blockwise, since XLA would materialise gigabytes of logits.
+  On CPU, None is ``_cpu_attention`` (heads-major, blockwise from ``CPU_BLOCKWISE_TOKENS``): same values, several
+  times faster there.
   Softmax runs in fp32 regardless of the input dtype.
   """
   check_implementation(implementation)
@@ -475,11 +514,16 @@ def dot_product_attention(q, k, v, *, num_heads: int, mask: Optional[jax.Array] 
       out = jax.lax.platform_dependent(q, k, v, tpu=_splash_attention, default=xla)
     else:
       out = xla(q, k, v)
-  elif (implementation == "blockwise" and (nq > BLOCKWISE_Q_BLOCK or nk > BLOCKWISE_KV_BLOCK)) or (
-      implementation is None and nq * nk >= AUTO_BLOCKWISE_SCORES):
+  elif implementation == "blockwise" and (nq > BLOCKWISE_Q_BLOCK or nk > BLOCKWISE_KV_BLOCK):
     out = blockwise_attention(q, k, v, mask)
   elif implementation == "blockwise":  # one block: XLA's scores are no larger than a block, and need no loop
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+  elif implementation is None:
+    auto = (blockwise_attention if nq * nk >= AUTO_BLOCKWISE_SCORES
+            else lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask))
+    # The platform of the compile picks the branch: an AOT compile for TPU on a CPU host gets ``auto``.
+    out = jax.lax.platform_dependent(q, k, v, cpu=lambda q, k, v: _cpu_attention(q, k, v, mask),
+                                     default=lambda q, k, v: auto(q, k, v, mask))
   else:
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
   return out.reshape(b, nq, -1)

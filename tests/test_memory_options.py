@@ -124,7 +124,8 @@ def test_restore_or_init_stores_frozen_params_in_bf16(tmp_path):
 
 def test_splash_only_for_long_self_attention():
   assert layers.splash_applies(2560, 2560, 40, None, True)        # SD 1.5 level 0 at 40x64 latents
-  assert not layers.splash_applies(640, 640, 80, None, True)      # lower levels: XLA
+  assert layers.splash_applies(640, 640, 80, None, True)          # level 1
+  assert not layers.splash_applies(160, 160, 160, None, True)     # lower levels: XLA
   assert not layers.splash_applies(8, 8, 64, None, True)          # temporal attention over 8 frames
   assert not layers.splash_applies(2560, 77, 40, None, False)     # text cross-attention
   assert not layers.splash_applies(2560, 2560, 40, jnp.ones((1, 1, 2560, 2560), bool), True)
@@ -140,11 +141,12 @@ def test_splash_falls_back_to_xla_off_tpu():
   assert _max_err(a, b) < 1e-5 * abs(float(a)) and _max_err(ga, gb) < 1e-5
 
 
-def test_splash_kernel_matches_xla_attention_in_the_pallas_interpreter():
-  """The TPU path itself (head_dim padded to 128 lanes, the scale, the layout changes, the fused backward kernel),
-  run by Pallas' interpreter on CPU: values and gradients equal XLA's attention."""
+@pytest.mark.parametrize("shape", [(1, 1024, 2, 40), (1, 3072, 1, 16)])  # whole-sequence blocks; 512-token ones
+def test_splash_kernel_matches_xla_attention_in_the_pallas_interpreter(shape):
+  """The TPU path itself (the scale, sequence-minor q / k / v, whole-sequence key blocks, the fused backward
+  kernel), run by Pallas' interpreter on CPU: values and gradients equal XLA's attention."""
   rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.standard_normal((1, 1024, 2, 40), np.float32)) for _ in range(3))
+  q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(3))
   loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
   splash = functools.partial(layers._splash_attention, interpret=True)  # pylint: disable=protected-access
   (a, ga), (b, gb) = (jax.value_and_grad(loss(f), argnums=(0, 1, 2))(q, k, v)
@@ -173,11 +175,11 @@ def test_splash_compiles_for_tpu_and_saves_memory():
   xla_text, xla, _ = compiled(None)
   assert "tpu_custom_call" in text and "tpu_custom_call" not in xla_text
   # What the planner adds to the compiler's estimate: the forward (2 matmuls) and the fused backward (5) kernel on
-  # each device's 2 clips x 4 heads x 2048 tokens, head_dim 40 padded to 128 lanes.
+  # each device's 2 clips x 4 heads x 2048 tokens, the 40-dim head run in a 128-lane MXU tile.
   kernels = aot.pallas_kernels(splash)
   assert aot.count_pallas_kernels(xla) == 0
   assert sorted(k.name for k in kernels) == ["splash_mha_dkv_no_residuals", "splash_mha_fwd_residuals"], kernels
-  assert all(k.source == "shapes" and k.bytes > 3 * 2 * 4 * 2048 * 128 * 2 for k in kernels)
+  assert all(k.source == "shapes" and k.bytes > 3 * 2 * 4 * 2048 * 40 * 2 for k in kernels)
   assert sum(k.flops for k in kernels) == (2 + 5) * 2 * 2 * 4 * 2048 * 2048 * 128
   report = aot.compile_report(lowered, "v5p-8")
   assert report.pallas_kernels == 2 and report.pallas_uncosted == 0 and report.roofline_term_added

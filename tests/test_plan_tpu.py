@@ -95,6 +95,11 @@ def test_pallas_roofline_term_is_added_and_labelled(plans):
                               'backend_config={}')
   assert attention.source == "shapes" and attention.flops == 2 * 2 * 2 * 4 * 2048 * 1024 * 128
   assert attention.bytes == 2 * (2 * 4 * 2048 * 128 * 2) + 2 * 2 * 4 * 1024 * 128 * 2 + 16
+  # Sequence-minor q / k ([b, h, d, n]) with a 40-dim head: the head is the shorter dim, run in a 128-lane tile.
+  seq_minor = aot.kernel_cost('%splash_mha_dkv_no_residuals = (bf16[2,1,4,2048,40]{4,3,2,1,0}, bf16[2,4,1024,40]) '
+                              'custom-call(%a), custom_call_target="tpu_custom_call", operand_layout_constraints={'
+                              'bf16[2,4,40,2048]{3,2,1,0}, bf16[2,4,40,1024]{3,2,1,0}}, backend_config={}')
+  assert seq_minor.source == "shapes" and seq_minor.flops == 2 * 5 * 2 * 4 * 2048 * 1024 * 128
   own = aot.kernel_cost('%k = f32[8]{0} custom-call(%a), custom_call_target="tpu_custom_call", backend_config='
                         '{"custom_call_config":{"body":"x","cost_estimate":{"flops": 5e12, "transcendentals": 0, '
                         '"bytes_accessed": 1e9}}}')

@@ -373,6 +373,7 @@ _COST_ESTIMATE = re.compile(r'\\?"cost_estimate\\?":\s*\{\s*\\?"flops\\?":\s*([0
 # O = P V. Backward (flash-style, P recomputed): dq kernel S, dP = dO V^T, dQ = dS K; dkv kernel S, dP,
 # dV = P^T dO, dK = dS^T Q; a fused backward kernel does both (5: a dkv kernel that also returns dq per key
 # block).
+_LANES = 128
 _ATTENTION_KERNELS = ((re.compile(r"(splash|flash)\w*_dkv"), 4), (re.compile(r"(splash|flash)\w*_dq"), 3),
                       (re.compile(r"(splash|flash)\w*fwd"), 2))
 
@@ -382,9 +383,10 @@ class KernelCost:
   """One Pallas TPU kernel call (``tpu_custom_call``) of a compiled program, per device.
 
   ``flops`` / ``bytes``: the kernel's own ``pl.CostEstimate`` when it carries one (``source="kernel"``); else, for
-  the attention kernels above, ``2 x matmuls x b x h x nq x nk x d`` from its q / k operands ``[b, h, n, d]`` (as
-  the kernel runs them: a zero-padded head_dim counts) and every operand and result moved once (a lower bound on
-  its HBM traffic) (``source="shapes"``); else ``flops`` None (``source="unknown"``).
+  the attention kernels above, ``2 x matmuls x b x h x nq x nk x d`` from its q / k operands ``[b, h, n, d]`` or
+  ``[b, h, d, n]``, with ``d`` the head dim as the MXU runs it (rounded up to whole 128-lane tiles: a 40-dim head
+  counts 128), and every operand and result moved once (a lower bound on its HBM traffic) (``source="shapes"``);
+  else ``flops`` None (``source="unknown"``).
   """
   name: str
   flops: Optional[float]
@@ -426,8 +428,11 @@ def kernel_cost(instruction: str) -> KernelCost:
   if matmuls == 4 and any(len(dims) == 5 for _, dims in _shapes(result)):
     matmuls = 5  # a fused backward kernel: it also returns dq, unreduced over key blocks (rank 5)
   qk = [dims for _, dims in operands if len(dims) == 4][:2]
-  if matmuls and len(qk) == 2 and qk[0][:2] == qk[1][:2] and qk[0][3] == qk[1][3]:
-    (b, h, nq, d), nk = qk[0], qk[1][2]
+  # q / k are [b, h, n, d] (head-minor) or [b, h, d, n] (sequence-minor): the head is the shorter of the two, as
+  # these kernels run sequences longer than their heads; the MXU runs it in whole 128-lane tiles.
+  if matmuls and len(qk) == 2 and qk[0][:2] == qk[1][:2] and min(qk[0][2:]) == min(qk[1][2:]):
+    (b, h), d = qk[0][:2], -(-min(qk[0][2:]) // _LANES) * _LANES
+    nq, nk = max(qk[0][2:]), max(qk[1][2:])
     return KernelCost(name, 2.0 * matmuls * b * h * nq * nk * d, moved, "shapes")
   return KernelCost(name, None, moved, "unknown")
 

@@ -209,26 +209,37 @@ class TimestepEmbedding(nn.Module):
 
 
 # "splash": the Pallas splash-attention kernel on TPU for self-attention over at least this many tokens (SD's
-# 40x64 = 2560-token level); shorter sequences (lower levels, temporal attention over <= 16 frames, text
-# cross-attention) keep XLA's attention, which is as fast there.
-SPLASH_MIN_SEQ = 1024
+# 20x32 = 640-token level 1 and 40x64 = 2560-token level 0); shorter sequences (lower levels, temporal attention
+# over <= 16 frames, text cross-attention) keep XLA's attention, which is as fast there.
+SPLASH_MIN_SEQ = 512
+# Tokens per grid step: a whole sequence while it times the lane-padded head dim stays within these many elements,
+# else _SPLASH_BLOCK-token blocks. Whole key blocks (SD's 2560 tokens x 40-dim heads) make one pass over the keys
+# per query block and leave no per-key-block dq partials for XLA to sum; the limits keep the fused backward's fp32
+# dk / dv accumulators in VMEM (4096 x 128 overflows it on v5p).
 _SPLASH_BLOCK = 512
+_SPLASH_Q_ELEMENTS, _SPLASH_KV_ELEMENTS = 1024 * 128, 2560 * 128
 _LANES = 128
 
 
 def _splash_attention(q, k, v, *, interpret: bool = False):
-  """``[b, n, h, d]`` self-attention through the TPU splash kernel (head_dim zero-padded to the 128 lanes;
-  the batch split over the context mesh's batch axes with ``shard_map``). Lowers for TPU only, or anywhere with
-  ``interpret`` (Pallas' interpreter: the same kernel, slowly; what the CPU tests check it with)."""
+  """``[b, n, h, d]`` self-attention through the TPU splash kernel (the batch split over the context mesh's batch
+  axes with ``shard_map``). Lowers for TPU only, or anywhere with ``interpret`` (Pallas' interpreter: the same
+  kernel, slowly; what the CPU tests check it with).
+
+  q, k and v go in sequence-minor (``[h, d, n]`` per example): a 40-dim head minor in HBM occupies 128 lanes, so
+  the head-minor layout (or zero-padding the head to 128) moves 3.2x the bytes through every transpose around the
+  kernel; the MXU pads the head inside the kernel either way."""
   from jax.experimental.pallas.ops.tpu import splash_attention as sk  # pylint: disable=g-import-not-at-top
   _, n, h, d = q.shape
-  pad = (-d) % _LANES
-  to_kernel = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, 0), (0, pad)))  # [b, h, n, d']
-  block = math.gcd(n, _SPLASH_BLOCK)
+  to_kernel = lambda x: jnp.swapaxes(x, 1, 2)  # [b, h, n, d]; the kernel takes its own layout from there
+  block = lambda limit: n if n * _LANES * -(-d // _LANES) <= limit else math.gcd(n, _SPLASH_BLOCK)
+  block_q, block_kv = block(_SPLASH_Q_ELEMENTS), block(_SPLASH_KV_ELEMENTS)
+  seq_minor = sk.QKVLayout.SEQ_MINOR
   # One fused backward kernel (dq, dk, dv from one recomputation of the probabilities: 5 matmuls per block instead
-  # of the separate dq and dkv kernels' 3 + 4); dq comes back per key block and is summed by XLA.
-  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                        block_kv_dkv=block, block_kv_dkv_compute=block, use_fused_bwd_kernel=True)
+  # of the separate dq and dkv kernels' 3 + 4).
+  sizes = sk.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_q, block_q_dkv=block_q,
+                        block_kv_dkv=block_kv, block_kv_dkv_compute=block_q, use_fused_bwd_kernel=True,
+                        q_layout=seq_minor, k_layout=seq_minor, v_layout=seq_minor)
   kernel = jax.vmap(sk.make_splash_mha(sk.MultiHeadMask([sk.FullMask((n, n))] * h), head_shards=1,
                                        q_seq_shards=1, block_sizes=sizes, interpret=interpret))
   mesh = jax.sharding.get_abstract_mesh()
@@ -237,7 +248,7 @@ def _splash_attention(q, k, v, *, interpret: bool = False):
     spec = jax.sharding.PartitionSpec(axes or None)
     kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
   out = kernel(to_kernel(q) * (d ** -0.5), to_kernel(k), to_kernel(v))
-  return jnp.swapaxes(out[..., :d], 1, 2)
+  return jnp.swapaxes(out, 1, 2)
 
 
 def splash_applies(nq: int, nk: int, head_dim: int, mask, self_attention: bool) -> bool:

@@ -208,3 +208,39 @@ def test_cpu_default_matches_xla(shape):
     assert _rel_err(cpu[name + "/out"], xla[name + "/out"]) < 1e-5, name
     for g, r, what in zip(cpu[name][1], xla[name][1], "qkv"):
       assert _rel_err(g, r) < 2e-5, (name, what)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 8, 40), (2, 5, 16, 3, 8), (1, 32, 32, 2, 16)],
+                         ids=["frames", "cross", "threshold"])
+def test_short_attention_matches_xla(shape):
+  """Attention over a few tokens as a multiply-reduce (TPU / GPU default for temporal attention): values and
+  gradients equal XLA's attention with every mask kind (a fully masked row included)."""
+  b, nq, nk, h, d = shape
+  q, k, v = _qkv(b, nq, nk, h, d, seed=3)
+  masks = _masks(b, h, nq, nk, seed=3)
+
+  def run(attend):
+    def fn(q, k, v):
+      out = {}
+      for name, mask in masks.items():
+        f = lambda q, k, v: attend(q, k, v, mask)
+        out[name] = (f(q, k, v), jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), (0, 1, 2))(q, k, v))
+      return out
+    return jax.jit(fn)(q, k, v)
+
+  short = run(layers._short_attention)  # pylint: disable=protected-access
+  xla = run(lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask))
+  for name in masks:
+    assert _rel_err(short[name][0], xla[name][0]) < 1e-5, name
+    for g, r, what in zip(short[name][1], xla[name][1], "qkv"):
+      assert _rel_err(g, r) < 2e-5, (name, what)
+
+
+def test_default_runs_short_attention_without_matmuls_on_tpu():
+  """The TPU program of the default (and of "splash", whose kernel is for long sequences) has no dot_general for
+  attention over up to ``SHORT_ATTENTION_TOKENS`` tokens, one above it does; "xla" keeps XLA's attention."""
+  n = layers.SHORT_ATTENTION_TOKENS
+  assert "dot_general" not in _lowered_text(None, n, "tpu")
+  assert "dot_general" not in _lowered_text("splash", n, "tpu")
+  assert "dot_general" in _lowered_text(None, n + 1, "tpu")
+  assert "dot_general" in _lowered_text("xla", n, "tpu")

@@ -210,7 +210,7 @@ class TimestepEmbedding(nn.Module):
 
 # "splash": the Pallas splash-attention kernel on TPU for self-attention over at least this many tokens (SD's
 # 20x32 = 640-token level 1 and 40x64 = 2560-token level 0); shorter sequences (lower levels, temporal attention
-# over <= 16 frames, text cross-attention) keep XLA's attention, which is as fast there.
+# over a clip's frames, text cross-attention) keep ``_xla_attention``, which is as fast there.
 SPLASH_MIN_SEQ = 512
 # Tokens per grid step: a whole sequence while it times the lane-padded head dim stays within these many elements,
 # else _SPLASH_BLOCK-token blocks. Whole key blocks (SD's 2560 tokens x 40-dim heads) make one pass over the keys
@@ -535,6 +535,8 @@ def dot_product_attention(q, k, v, *, num_heads: int, mask: Optional[jax.Array] 
   ``jax.nn.dot_product_attention`` ("cudnn" for fused GPU). None (the default) is XLA's attention unless its score
   matrix would hold ``AUTO_BLOCKWISE_SCORES`` or more logits per image and head (whole-frame sampling of a model
   trained on crops, 576x1024 latents, ...): those run blockwise, since XLA would materialise gigabytes of logits.
+  With None, and for the attention "splash" leaves to XLA, up to ``SHORT_ATTENTION_TOKENS`` queries and keys (a
+  clip's frames) run as a multiply-reduce (``_short_attention``).
   On CPU, None is ``_cpu_attention`` (heads-major, blockwise from ``CPU_BLOCKWISE_TOKENS``): same values, several
   times faster there.
   Softmax runs in fp32 regardless of the input dtype.

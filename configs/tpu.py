@@ -44,7 +44,7 @@ RUNS = {
 PLANS = {
     # splash: the self-attention of levels 0 and 1 (2560 and 640 tokens) through the Pallas kernel on TPU.
     ("t2v_sd15", "v5p"): dict(per_device_batch=8, mesh="dp", remat="none", attention="splash",
-                              measured=True),                                                   # 79.7 / 95.7 GiB
+                              measured=True),                                                   # 79.3 / 95.7 GiB
     ("t2v_sd15", "v6e"): dict(per_device_batch=4, mesh="fsdp", remat="none", attention="splash",
                               measured=True),                                                   # 28.6 / 31.25 GiB
     ("t2v_sd21", "v5p"): dict(per_device_batch=8, mesh="dp", remat="none", attention="splash",

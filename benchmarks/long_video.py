@@ -3,10 +3,13 @@ chain workdir, timed step by step.
 
   python benchmarks/long_video.py --workdir=/tmp/videoldm_rds [--seconds=32] [--num_samples=2] [--repeat=1]
 
-Prints one JSON object: wall seconds in all and per pipeline step (each step's own time: the time its chunks took to
-come minus what the step before it took; ``write`` is the mp4 / gif / contact-sheet encoding), the XLA compiles
-(count and seconds, per jitted function name), frames made and frames/s. Each run builds its steps again, so every
-run pays the compiles.
+Each repeat runs the pipeline twice, side by side: with the steps one after the other (``overlap`` false: the
+per-step breakdown is only meaningful then) and as the sampler runs by default, each step in its own thread
+(``overlap`` true). Prints one JSON object per run: wall seconds in all and per pipeline step (each step's own time:
+the time its chunks took to come minus what the step before it took; ``write`` is the mp4 / gif / contact-sheet
+encoding), the XLA compiles (count and seconds, per jitted function name), frames made and frames/s, and after
+each pair ``overlap_speedup`` (sequential wall / overlapped wall). Each run builds its steps again, so every run
+pays the compiles.
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ def _timed_counted(totals):
   return counted
 
 
-def profile_once(workdir: str, seconds, num_samples: int, output: str, *, num_windows=None, steps=None, skip=None):
+def profile_once(workdir: str, seconds, num_samples: int, output: str, *, num_windows=None, steps=None, skip=None,
+                 overlap=False):
   run = workdirs.load_run_config(workdir)
   seconds = None if num_windows else (seconds or run.get("sample_seconds") or None)
   skip = tuple(run.get("sample_skip") or ()) if skip is None else tuple(skip)
@@ -118,7 +122,8 @@ def profile_once(workdir: str, seconds, num_samples: int, output: str, *, num_wi
   t0 = time.perf_counter()
   try:
     out = sampling.sample_pipeline(workdir, num_samples=num_samples, seconds=seconds, output=output,
-                                   skip=skip, keep_videos=False, num_windows=num_windows, steps=steps)
+                                   skip=skip, keep_videos=False, num_windows=num_windows, steps=steps,
+                                   overlap=overlap)
   finally:
     pipeline._counted, pipeline.Context.bar, pipeline.run = original, original_bar, original_run
     logging.getLogger("jax").removeHandler(log)
@@ -134,7 +139,7 @@ def profile_once(workdir: str, seconds, num_samples: int, output: str, *, num_wi
     compiles[name][0] += 1
     compiles[name][1] += s
   return {
-      "seconds_of_video": seconds, "videos": num_samples, "frames": int(out["num_frames"]),
+      "overlap": overlap, "seconds_of_video": seconds, "videos": num_samples, "frames": int(out["num_frames"]),
       "fps": float(out["fps"]), "wall_seconds": round(wall, 2),
       "frames_per_second": round(num_samples * int(out["num_frames"]) / wall, 3),
       "load_seconds": round(marks["run"] - t0, 2), "first_window_seconds": round(marks["eager"], 2),
@@ -153,10 +158,14 @@ def main(argv):
   results = []
   with tempfile.TemporaryDirectory() as tmp:
     for i in range(FLAGS.repeat):
-      output = FLAGS.output or os.path.join(tmp, f"run{i}")
-      results.append(profile_once(FLAGS.workdir, FLAGS.seconds, FLAGS.num_samples, output,
-                                  num_windows=FLAGS.num_windows, steps=FLAGS.steps, skip=FLAGS.skip))
-      print(json.dumps(results[-1]), flush=True)
+      for overlap in (False, True):
+        output = FLAGS.output or os.path.join(tmp, f"run{i}")
+        results.append(profile_once(FLAGS.workdir, FLAGS.seconds, FLAGS.num_samples, output,
+                                    num_windows=FLAGS.num_windows, steps=FLAGS.steps, skip=FLAGS.skip,
+                                    overlap=overlap))
+        print(json.dumps(results[-1]), flush=True)
+      print(json.dumps({"overlap_speedup": round(results[-2]["wall_seconds"] / results[-1]["wall_seconds"], 3)}),
+            flush=True)
   return 0
 
 

@@ -92,12 +92,64 @@ def test_regime_label_changes_the_interpolation(interp):
   assert np.abs(a - b).max() > 1e-4
 
 
-def test_predictor_alone_makes_the_first_window_and_the_pipeline_decodes():
+def test_predictor_alone_makes_the_first_window_and_the_pipeline_decodes(interp):
   """A pipeline with no key-frame model before the predictor: its first window is unconditioned (no context),
-  the rollout extends it, and the stream is decoded by the predictor's own VAE."""
+  the rollout extends it, and the stream is decoded by the predictor's own VAE. With the interpolator after it,
+  the steps running in threads of their own (``overlap``) give the same frames as one after the other."""
   task, trainable, frozen = _task("predictor", 5)
   ctx = pipeline.Context(batch=BATCH, rng=jax.random.PRNGKey(0), options={"num_windows": 2}, progress=False)
   stream = pipeline.run([task.pipeline_step(trainable, frozen)], ctx)
   frames = np.concatenate(list(stream.chunks), axis=1)
   assert ctx.key_frames_made == 8 and stream.num_frames == 8  # 5 + (5 - 2)
   assert frames.shape == (B, 8, task.config.data.height, task.config.data.width, 3) and frames.dtype == np.uint8
+  interp_task, interp_trainable, interp_frozen, _ = interp
+  steps = [task.pipeline_step(trainable, frozen), interp_task.pipeline_step(interp_trainable, interp_frozen)]
+  videos = {}
+  for overlap in (False, True):
+    ctx = pipeline.Context(batch=BATCH, rng=jax.random.PRNGKey(0), options={"num_windows": 2}, progress=False,
+                           overlap=overlap)
+    stream = pipeline.run(steps, ctx)
+    videos[overlap] = np.concatenate(list(stream.chunks), axis=1)
+  assert videos[False].shape[1] == 16 * (8 - 1) + 1  # two x4 passes
+  np.testing.assert_array_equal(videos[True], videos[False])
+  np.testing.assert_array_equal(videos[False][:, ::16], frames)  # the key frames survive both passes
+
+
+def test_prefetched_keeps_order_raises_and_stops():
+  """The worker thread behind ``overlap``: items in order, its exception raised in the consumer, the context
+  entered in the worker, and a consumer that stops early stops the worker (no more than ``depth`` + 1 made)."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import contextlib  # pylint: disable=g-import-not-at-top
+  threads = []
+
+  @contextlib.contextmanager
+  def context():
+    threads.append(threading.current_thread())
+    yield
+
+  assert list(pipeline.prefetched(iter(range(7)), context=context)) == list(range(7))
+  assert threads and threads[0] is not threading.current_thread()
+
+  def failing():
+    yield 1
+    raise KeyError("window 2")
+
+  it = pipeline.prefetched(failing())
+  assert next(it) == 1
+  with pytest.raises(KeyError, match="window 2"):
+    next(it)
+  made = []
+  done = threading.Event()
+
+  def endless():
+    try:
+      for i in range(10_000):
+        made.append(i)
+        yield i
+    finally:
+      done.set()
+
+  it = pipeline.prefetched(endless(), depth=2)
+  assert [next(it) for _ in range(3)] == [0, 1, 2]
+  it.close()
+  assert done.wait(5) and len(made) <= 3 + 2 + 1

@@ -24,10 +24,13 @@ step's ``frames_in`` to the number of key frames to make.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import queue
+import threading
 import zlib
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -188,6 +191,54 @@ def decode(decode_fn: Callable, chunks: Iterable[np.ndarray], chunk_frames: int)
     yield np.asarray(decode_fn(np.concatenate([z, pad], axis=1)))[:, :count]
 
 
+_DONE = object()
+
+
+def prefetched(chunks: Iterable[Any], depth: int = 1,
+               context: Optional[Callable[[], ContextManager]] = None) -> Iterator[Any]:
+  """``chunks`` pulled by a worker thread up to ``depth`` items ahead of the consumer, so one step computes while
+  the next consumes (XLA:CPU runs the small window programs on about one core; jax dispatch, PyAV and PIL release
+  the GIL). Host memory stays bounded: at most ``depth`` finished items wait. ``context`` is entered in the worker
+  (jax's mesh and flax's axis rules are per thread). The worker's exceptions are raised here; closing this
+  generator stops the worker."""
+  items: queue.Queue = queue.Queue(maxsize=depth)
+  stop = threading.Event()
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        items.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def work():
+    try:
+      with context() if context is not None else contextlib.nullcontext():
+        for chunk in chunks:
+          if not put((chunk, None)):
+            return
+      put((_DONE, None))
+    except BaseException as e:  # pylint: disable=broad-except  # re-raised in the consumer
+      put((_DONE, e))
+    finally:  # a stopped consumer: close the upstream steps (and their threads) too
+      getattr(chunks, "close", lambda: None)()
+
+  worker = threading.Thread(target=work, daemon=True, name="pipeline-step")
+  worker.start()
+  try:
+    while True:
+      item, error = items.get()
+      if item is _DONE:
+        if error is not None:
+          raise error
+        return
+      yield item
+  finally:
+    stop.set()
+
+
 def _counted(chunks: Iterable[np.ndarray], bar) -> Iterator[np.ndarray]:
   for c in chunks:
     if bar is not None:
@@ -221,6 +272,14 @@ class Context:
   options: Dict[str, Any] = dataclasses.field(default_factory=dict)
   progress: bool = True
   bars: List[Any] = dataclasses.field(default_factory=list)
+  overlap: bool = True
+  thread_context: Optional[Callable[[], ContextManager]] = None
+
+  def overlapped(self, chunks: Iterable[np.ndarray]) -> Iterable[np.ndarray]:
+    """``chunks`` made in a thread of their own when ``overlap`` (see the class docstring)."""
+    if not self.overlap or jax.process_count() > 1:
+      return chunks
+    return prefetched(chunks, context=self.thread_context)
 
   @property
   def cond(self) -> Dict[str, Any]:
@@ -331,6 +390,8 @@ class Interpolation(Step):
       chunks = _counted(interpolate(self.window_fn, ctx.cond, chunks, jax.random.fold_in(ctx.rng_for(self.name), i),
                                     window_keys=self.window_keys, stride=self.stride, regime=i, group=self.group),
                         ctx.bar(total, f"{self.name}: x{self.stride} (regime {i})"))
+      if i + 1 < self.passes(ctx.options):
+        chunks = ctx.overlapped(chunks)
     return Stream(chunks, total, fps, stream.decode)
 
 
@@ -427,7 +488,8 @@ def run(steps: Sequence[Step], ctx: Context, *, seconds: Optional[float] = None,
   stream = None
   for s in steps:
     stream = s(stream, ctx)
+    stream = dataclasses.replace(stream, chunks=ctx.overlapped(stream.chunks))
   if stream.decode is not None:
     chunks = _counted(decode(stream.decode, stream.chunks, decode_chunk), ctx.bar(stream.num_frames, "decode"))
-    stream = Stream(chunks, stream.num_frames, stream.fps, None)
+    stream = Stream(ctx.overlapped(chunks), stream.num_frames, stream.fps, None)
   return stream

@@ -190,7 +190,7 @@ def sample_pipeline(spec: str, *, num_samples: int = 4, seconds: Optional[float]
                     prompt: Optional[str] = None, output: Optional[str] = None, upscale: int = 0,
                     progress: bool = True, decoder: Optional[str] = None,
                     upsampler: Optional[str] = None, skip: Sequence[str] = (), keep_videos: bool = True,
-                    fvd_clips: int = 0) -> Dict[str, Any]:
+                    fvd_clips: int = 0, overlap: bool = True) -> Dict[str, Any]:
   """Long videos through the pipeline stages of ``spec`` but those named in ``skip`` (a chain's workdir or a comma list of stage workdirs;
   ``workdirs.pipeline_stage_dirs``), in the order their tasks declare; writes OUTPUT.{mp4,gif,png} (default: the
   first workdir's ``sample``) at the final fps. ``decoder``: a ``decoder``-stage workdir whose video decoder decodes
@@ -198,7 +198,8 @@ def sample_pipeline(spec: str, *, num_samples: int = 4, seconds: Optional[float]
   ``upsampler`` workdir, the last step. The frames are streamed into the files as they come, so host memory stays
   flat in the video length unless ``keep_videos``. Returns the paths, ``num_frames``, ``fps``, ``num_key_frames``,
   with ``keep_videos`` ``videos`` uint8 ``[n, t, h, w, 3]`` and with ``fvd_clips`` > 0 that many 16-frame clips
-  (``fvd_clips``; see :func:`sample_workdir`)."""
+  (``fvd_clips``; see :func:`sample_workdir`). ``overlap``: the steps run concurrently, each in its own thread a
+  chunk ahead of the next (``pipeline.Context``; the same frames either way)."""
   dirs = {s: d for s, d in workdirs.pipeline_stage_dirs(spec).items() if s not in skip}
   for name, path in (("decoder", decoder), ("upsampler", upsampler)):
     if path:
@@ -216,7 +217,8 @@ def sample_pipeline(spec: str, *, num_samples: int = 4, seconds: Optional[float]
   batch = jax.tree.map(lambda x: x[:num_samples], parallel.to_host(first_task.fixed_batch(mesh)))
   batch = condition(first_task, batch, labels=labels, prompt=prompt)
   options = {"num_windows": num_windows, "interpolations": interpolations}
-  ctx = pipeline.Context(batch=batch, rng=jax.random.PRNGKey(seed), options=options, progress=progress)
+  ctx = pipeline.Context(batch=batch, rng=jax.random.PRNGKey(seed), options=options, progress=progress,
+                         overlap=overlap, thread_context=lambda: _model_context(first_task.config, mesh))
   root = spec.split(",")[0].strip()
   with _model_context(first_task.config, mesh):
     steps_ = [task.pipeline_step(trainable, frozen) for task, trainable, frozen, _ in loaded]

@@ -20,16 +20,24 @@ def _upscale(frames: np.ndarray, factor: int) -> np.ndarray:
   return np.repeat(np.repeat(frames, factor, axis=-3), factor, axis=-2)
 
 
-def tile_videos(videos: np.ndarray, cols: Optional[int] = None, gap: int = 2) -> np.ndarray:
-  """``[n, t, h, w, 3]`` -> ``[t, H, W, 3]``: the videos in a grid (``cols`` columns, ~square by default)."""
-  n, t, h, w, c = videos.shape
+def tile_videos(videos: np.ndarray, cols: Optional[int] = None, gap: int = 2, fill: int = 255) -> np.ndarray:
+  """``[n, t, h, w, c]`` -> ``[t, H, W, c]``: the videos in a grid (``cols`` columns, ~square by default), ``gap``
+  pixels of ``fill`` between them."""
+  n, t, h, w = videos.shape[:4]
   cols = cols or int(np.ceil(np.sqrt(n)))
   rows = int(np.ceil(n / cols))
-  grid = np.full((t, rows * (h + gap) - gap, cols * (w + gap) - gap, c), 255, np.uint8)
+  grid = np.full((t, rows * (h + gap) - gap, cols * (w + gap) - gap) + videos.shape[4:], fill, videos.dtype)
   for i in range(n):
     r, k = divmod(i, cols)
     grid[:, r * (h + gap):r * (h + gap) + h, k * (w + gap):k * (w + gap) + w] = videos[i]
   return grid
+
+
+def _untile(grid: np.ndarray, n: int, h: int, w: int, gap: int) -> np.ndarray:
+  """Inverse of ``tile_videos`` for ``n`` videos of ``h x w``: ``[t, H, W, ...]`` -> ``[n, t, h, w, ...]``."""
+  cols = int(np.ceil(np.sqrt(n)))
+  return np.stack([grid[:, (i // cols) * (h + gap):(i // cols) * (h + gap) + h,
+                        (i % cols) * (w + gap):(i % cols) * (w + gap) + w] for i in range(n)])
 
 
 def contact_sheet(videos: np.ndarray, gap: int = 2) -> np.ndarray:
@@ -52,8 +60,8 @@ class _Mp4Encoder:
     self.container = av.open(path, "w")
     self.stream = self.container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
     self.stream.width, self.stream.height, self.stream.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
-    if codec == "libx264":
-      self.stream.options = {"crf": "12"}
+    if codec == "libx264":  # "veryfast": ~4x the default preset's speed at about the same size for crf 12
+      self.stream.options = {"crf": "12", "preset": "veryfast"}
 
   def add(self, frame: np.ndarray) -> None:
     frame = np.ascontiguousarray(np.pad(frame, self.pad, mode="edge"))
@@ -64,11 +72,21 @@ class _Mp4Encoder:
     self.container.close()
 
 
+def quantize(frame: np.ndarray, colours: int = 256):
+  """``[h, w, 3]`` uint8 -> (``[h, w]`` uint8 palette indices, ``[colours, 3]`` uint8 palette): PIL's median cut
+  (what PIL's own GIF writer does). Its cost follows the pixel and distinct-colour counts (~8 ms for a 128x386
+  frame of upscaled samples, where FFmpeg's ``palettegen`` takes ~110 ms whatever the content)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  quantized = Image.fromarray(np.ascontiguousarray(frame)).quantize(colours, method=Image.Quantize.MEDIANCUT)
+  palette = np.zeros((colours, 3), np.uint8)
+  used = np.asarray(quantized.getpalette() or [], np.uint8).reshape(-1, 3)[:colours]
+  palette[:len(used)] = used
+  return np.asarray(quantized, np.uint8), palette
+
+
 class _GifEncoder:
-  """RGB frames -> looping animated GIF one at a time (PyAV / FFmpeg's GIF encoder). Each frame gets its own
-  256-colour median-cut palette from PIL (what PIL's own GIF writer does; its cost follows the frame's distinct
-  colours: ~8 ms for a 128x386 frame of upscaled samples, where FFmpeg's ``palettegen`` takes ~110 ms whatever the
-  content), so nothing waits for the whole video."""
+  """Palette-indexed frames -> looping animated GIF one at a time (PyAV / FFmpeg's GIF encoder), each frame with
+  its own 256-colour palette, so nothing waits for the whole video."""
 
   def __init__(self, path: str, height: int, width: int, fps: float):
     rate = Fraction(fps).limit_denominator(1000)
@@ -77,14 +95,10 @@ class _GifEncoder:
     self.stream = self.container.add_stream("gif", rate=rate)
     self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "pal8"
 
-  def add(self, frame: np.ndarray) -> None:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    quantized = Image.fromarray(np.ascontiguousarray(frame)).quantize(256, method=Image.Quantize.MEDIANCUT)
-    rgb = np.zeros((256, 3), np.uint8)
-    colours = np.asarray(quantized.getpalette() or [], np.uint8).reshape(-1, 3)[:256]
-    rgb[:len(colours)] = colours
-    palette = np.concatenate([np.full((256, 1), 255, np.uint8), rgb], axis=1)  # ARGB
-    f = av.VideoFrame.from_ndarray((np.asarray(quantized, np.uint8), palette), format="pal8")
+  def add(self, indices: np.ndarray, palette: np.ndarray) -> None:
+    """``indices`` ``[h, w]`` uint8 into ``palette`` ``[256, 3]`` uint8 RGB."""
+    argb = np.concatenate([np.full((256, 1), 255, np.uint8), palette], axis=1)
+    f = av.VideoFrame.from_ndarray((np.ascontiguousarray(indices), argb), format="pal8")
     f.pts, f.time_base = self.count, self.time_base
     self.count += 1
     self.container.mux(self.stream.encode(f))
@@ -134,17 +148,24 @@ class VideoWriter:
 
   def add(self, chunk: np.ndarray) -> None:
     chunk = np.asarray(chunk)
+    n, _, h, w = chunk.shape[:4]
     if self.encoders is None:
-      self.factor = self.upscale or max(1, int(np.ceil(128 / chunk.shape[2])))
-    chunk = _upscale(chunk, self.factor)
-    grid = tile_videos(chunk)
+      self.factor = self.upscale or max(1, int(np.ceil(128 / h)))
+    big = _upscale(chunk, self.factor)
+    grid = tile_videos(big)
     if self.encoders is None:
-      h, w = grid.shape[1:3]
-      self.encoders = [_Mp4Encoder(self.paths["mp4"], h, w, self.fps), _GifEncoder(self.paths["gif"], h, w, self.fps)]
-    for frame in grid:
-      for enc in self.encoders:
-        enc.add(frame)
-    self.sheet.add(chunk)
+      gh, gw = grid.shape[1:3]
+      self.mp4, self.gif = _Mp4Encoder(self.paths["mp4"], gh, gw, self.fps), _GifEncoder(self.paths["gif"], gh, gw, self.fps)
+      self.encoders = [self.mp4, self.gif]
+    # The gif palette comes from the frames before upscaling (with a 1-pixel gap): nearest-neighbour upscaling
+    # multiplies every colour's count alike, so the median cut is about the same at 1/factor^2 of the cost.
+    for frame, small in zip(grid, tile_videos(chunk, gap=1)):
+      self.mp4.add(frame)
+      indices, palette = quantize(small)
+      gap_index = int(indices[0, w]) if n > 1 else 0
+      cells = _upscale(_untile(indices[None, ..., None], n, h, w, gap=1), self.factor)
+      self.gif.add(tile_videos(cells, fill=gap_index)[0, ..., 0], palette)
+    self.sheet.add(big)
 
   def close(self) -> Dict[str, str]:
     if self.encoders is None:

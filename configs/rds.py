@@ -61,6 +61,12 @@ def _runlocal_chain(c) -> None:
   for stage in ("base", "predictor", "interpolator", "upsampler"):  # the chain's own videos are the preview
     c.stages[stage].sample_every_steps = 0
   c.stages.upsampler.sampling.num_steps = 5  # it samples every frame of the closing videos at 128x256
+  # The interpolator makes 15 of every 16 frames of the closing videos. Without label guidance (one U-Net pass per
+  # step: the key frames it fills in between carry the labels) and at 5 DDIM steps, the closing videos' FVD stayed
+  # within noise (64 clips of 4 videos, same seeds: 1969 at guidance 2 / 10 steps, 1967 at 1 / 10, 1955 at 1 / 5;
+  # real vs real 152) and sampling took 92 s instead of 173.
+  c.stages.interpolator.sampling.guidance_scale = 1.0
+  c.stages.interpolator.sampling.num_steps = 5
   # The video decoder reads its temporal receptive field (21 frames) on each side of every window: 128 kept frames
   # per window decode 1.3x the video's frames instead of 3.6x at the default 16 (small frames: memory is no issue).
   c.stages.decoder.decoder.decode_window = 128

@@ -19,8 +19,7 @@ pytestmark = pytest.mark.skipif(not aot.libtpu_available(), reason="libtpu not i
 
 GiB = 2**30
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = {"v5p-8": dict(topology="v5p-8", per_device_batch=2), "v6e-8": dict(topology="v6e-8", per_device_batch=1),
-         "absurd": dict(topology="v6e-8", per_device_batch=1 << 17)}
+CASES = {"v5p-8": dict(topology="v5p-8", per_device_batch=2), "v6e-8": dict(topology="v6e-8", per_device_batch=1)}
 
 
 def _config():
@@ -29,7 +28,8 @@ def _config():
   return config
 
 
-# Command lines: a stage of the runlocal rds chain (fits), and the same with an absurd batch (does not fit).
+# Command lines: a stage of the runlocal rds chain (fits), and the same with an absurd batch (does not fit; the
+# planner's report of it is checked through the JSON, which is the report's ``to_dict``).
 CLI = {
     "chain_stage": ["--config=configs/rds.py:runlocal", "--stage=base", "--topology=v5p-8", "--json"],
     "absurd": ["--config=configs/rds.py:stage=base,runlocal", "--topology=v6e-8", f"--per_device_batch={1 << 17}",
@@ -81,6 +81,7 @@ def test_tiny_base_step_fits(plans, name):
   if r.compiler_seconds is not None:
     assert 0 < r.mfu <= 1.0
   assert r.summary().startswith("fits: peak ")
+  assert p.label in plan.format_plans([p])
   # What the estimate covers: the attention the U-Net compiled with, and no Pallas kernel left out of it.
   assert p.attention == "auto" and r.pallas_kernels == 0 and "Pallas" not in r.summary()
 
@@ -129,15 +130,6 @@ def test_flops_scale_with_the_batch(plans):
   assert 1.8 < ratio < 2.2, ratio
 
 
-def test_absurd_batch_does_not_fit(plans):
-  r = plans["absurd"].report
-  assert not r.fits
-  assert r.hbm_bytes == aot.CHIPS["v6e"].hbm_bytes
-  assert r.needed_bytes > r.hbm_bytes
-  assert r.summary() == f"does not fit: needs {r.needed_bytes / GiB:.2f} of 31.25 GiB per device"
-  assert "does not fit" in plan.format_plans([plans["absurd"]]) or " no " in plan.format_plans([plans["absurd"]])
-
-
 def test_cli_plans_a_chain_stage_as_json(runs):
   out = runs[1]["chain_stage"]
   assert out.returncode == 0, out.stderr[-3000:]
@@ -158,5 +150,5 @@ def test_cli_absurd_batch_exits_nonzero_with_sizes(runs):
   result = json.loads(out.stdout)
   assert result["fits"] is False and result["best"] is None
   report = result["plans"][0]["report"]
-  assert report["needed_bytes"] > report["hbm_bytes"] == aot.CHIPS["v6e"].hbm_bytes
-  assert report["summary"].startswith("does not fit: needs ") and report["summary"].endswith("of 31.25 GiB per device")
+  assert report["fits"] is False and report["needed_bytes"] > report["hbm_bytes"] == aot.CHIPS["v6e"].hbm_bytes
+  assert report["summary"] == f"does not fit: needs {report['needed_bytes'] / GiB:.2f} of 31.25 GiB per device"

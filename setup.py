@@ -33,6 +33,7 @@ EXTRAS = {
     # torch==2.13.0 resolves to the CPU build where a local CPU wheel is available.
     "dev": [
         "pytest>=8",
+        "pytest-xdist>=3.5",  # the suite runs one test file per worker (pytest.ini)
         "torch==2.13.0",
         "diffusers>=0.35",
         "open-clip-torch>=2.24",  # reference OpenCLIP tokenizer / text transformer in tests

@@ -50,7 +50,7 @@ PLANS = {
     ("t2v_sd21", "v5p"): dict(per_device_batch=8, mesh="dp", remat="none", attention="splash",
                               measured=True),                                                   # 78.1 / 95.7 GiB
     ("t2v_sd21", "v6e"): dict(per_device_batch=4, mesh="fsdp", remat="none", attention="splash",
-                              measured=True),                                                   # 28.5 / 31.25 GiB
+                              measured=True),                                                   # 29.4 / 31.25 GiB
     ("rds_image", "v5p"): dict(per_device_batch=64, mesh="dp", remat="none", measured=True),   # 3.5 / 95.7 GiB
     ("rds_image", "v6e"): dict(per_device_batch=32, mesh="dp", remat="none", measured=True),   # 2.9 / 31.25 GiB
     ("rds_base", "v5p"): dict(per_device_batch=16, mesh="dp", remat="none", measured=True),    # 7.5 / 95.7 GiB

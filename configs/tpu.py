@@ -46,7 +46,7 @@ PLANS = {
     ("t2v_sd15", "v5p"): dict(per_device_batch=8, mesh="dp", remat="none", attention="splash",
                               measured=True),                                                   # 79.3 / 95.7 GiB
     ("t2v_sd15", "v6e"): dict(per_device_batch=4, mesh="fsdp", remat="none", attention="splash",
-                              measured=True),                                                   # 28.6 / 31.25 GiB
+                              measured=True),                                                   # 28.96 / 31.25 GiB
     ("t2v_sd21", "v5p"): dict(per_device_batch=8, mesh="dp", remat="none", attention="splash",
                               measured=True),                                                   # 78.1 / 95.7 GiB
     ("t2v_sd21", "v6e"): dict(per_device_batch=4, mesh="fsdp", remat="none", attention="splash",

@@ -84,6 +84,9 @@ def benchmark(args):
   torch_device = "cuda" if args.device == "gpu" else "cpu"
   if torch_device == "cuda" and not torch.cuda.is_available():
     raise SystemExit("--device=gpu: torch has no CUDA device here")
+  if args.device == "cpu" and not os.environ.get("JAX_PLATFORMS"):
+    # Only the CPU backend: with jax[tpu] installed, JAX would otherwise probe for a TPU first and log its failure.
+    jax.config.update("jax_platforms", "cpu")
   jax_device = jax.devices("gpu" if args.device == "gpu" else "cpu")[0]
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
   jax_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
